@@ -440,6 +440,7 @@ class TaskVector(_VectorBase):
             kind="dense",
             dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
             blocks=str(len(tensors)),
+            order=json.dumps(list(tensors)),  # safetensors sorts keys; keep the model's block order
         )
         return atomic_save_safetensors(tensors, path, meta)
 
@@ -451,6 +452,9 @@ class TaskVector(_VectorBase):
         if meta.get("kind") == "lora":
             raise CheckpointError(f"{path}: holds a LoRA task vector; load it with LoraTaskVector.load")
         tensors = load_state_dict(path)
+        order = json.loads(meta.pop("order", "[]"))
+        if sorted(order) == sorted(tensors):
+            tensors = {key: tensors[key] for key in order}
         try:
             vector = cls(tensors, metadata=meta)
         except (ValueError, TypeError) as err:
