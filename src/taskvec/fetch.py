@@ -43,6 +43,7 @@ from pathlib import Path
 __all__ = [
     "MARKER",
     "FetchError",
+    "SourceUnavailableError",
     "cache_dir",
     "fetch_deb",
     "fetch_npm",
@@ -62,6 +63,13 @@ class FetchError(RuntimeError):
 
     The message names the source (registry and package), what is missing, and the exact command that
     gets it by hand.
+    """
+
+
+class SourceUnavailableError(FetchError):
+    """The registry client is missing, failed or timed out (as opposed to a bad or corrupt archive).
+
+    Tests and callers catch this one to skip or fall back when a registry cannot be reached.
     """
 
 
@@ -152,23 +160,31 @@ def _run_tool(cmd: list[str], cwd: Path, *, source: str, manual: str) -> None:
     try:
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=_TIMEOUT_S)
     except FileNotFoundError as e:
-        raise FetchError(
+        raise SourceUnavailableError(
             f"{source}: the tool '{cmd[0]}' is not installed, so the package cannot be downloaded. "
             f"Install it, or get the archive by hand with:\n    {manual}"
         ) from e
     except subprocess.TimeoutExpired as e:
-        raise FetchError(
+        raise SourceUnavailableError(
             f"{source}: '{' '.join(cmd)}' timed out after {_TIMEOUT_S} s. Get it by hand with:\n    {manual}"
         ) from e
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-8:]
-        raise FetchError(
+        raise SourceUnavailableError(
             f"{source}: '{' '.join(cmd)}' failed with exit code {proc.returncode} (registry unreachable, "
             "or package/version missing):\n    " + "\n    ".join(tail) + f"\nGet it by hand with:\n    {manual}"
         )
 
 
 def _extract(archive: Path, out: Path) -> None:
+    """Extract a zip/wheel, tar(.gz) or .deb archive into ``out``; a corrupt archive is a FetchError."""
+    try:
+        _extract_unchecked(archive, out)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise FetchError(f"cannot extract {archive}: corrupt or truncated archive ({e})") from e
+
+
+def _extract_unchecked(archive: Path, out: Path) -> None:
     """Extract a zip/wheel, tar(.gz) or .deb archive into ``out``, refusing paths that escape it."""
     name = archive.name.lower()
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +214,7 @@ def _extract(archive: Path, out: Path) -> None:
                 ["dpkg-deb", "-x", str(archive), str(out)], capture_output=True, text=True, timeout=_TIMEOUT_S
             )
         except FileNotFoundError as e:
-            raise FetchError(
+            raise SourceUnavailableError(
                 f"cannot extract {archive}: 'dpkg-deb' is not installed (Debian/Ubuntu: apt-get install dpkg)"
             ) from e
         if proc.returncode != 0:
@@ -245,7 +261,7 @@ def _fetch(
             manual_dir = _downloads_dir()
             archive = _single_archive(manual_dir, patterns, source, manual) if manual_dir.is_dir() else None
             if archive is None and not download_ok:
-                raise FetchError(
+                raise SourceUnavailableError(
                     f"{source} is not in the cache ({dest}) and downloading is switched off "
                     f"(download=False / fetch=False). Get it by hand with:\n    {manual}"
                 )
