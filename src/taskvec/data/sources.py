@@ -15,7 +15,7 @@ import gzip
 import io
 import json
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +27,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "RawData",
     "decode_image",
+    "duplicate_groups",
     "read_animal_pickles",
     "read_digits",
     "read_emoji",
@@ -57,6 +58,9 @@ class RawData:
 
     pools: dict[str, tuple[torch.Tensor, torch.Tensor]]
     classes: list[str]
+    groups: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per pool, int64 (N,): index of the first identical image in the pool (its own index if unique),
+    or -1 for an image that also occurs in the ``test`` pool. Filled by :func:`duplicate_groups`."""
 
     def check(self, what: str) -> RawData:
         """Validate dtypes, shapes and label range; ``what`` names the source in the error."""
@@ -70,7 +74,33 @@ class RawData:
                     f"{what} pool {pool!r}: labels span [{int(lab.min())}, {int(lab.max())}] "
                     f"but there are {len(self.classes)} classes"
                 )
+            grp = self.groups.get(pool)
+            if grp is not None and (grp.dtype != torch.int64 or grp.shape != lab.shape):
+                raise ValueError(f"{what} pool {pool!r}: groups must be int64 {tuple(lab.shape)}")
         return self
+
+
+def duplicate_groups(pools: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Find exact duplicate images, so that splits can keep every copy of an image on one side.
+
+    Why: Animal-MNIST holds 284 pairs of identical images and the emoji sets a few identical drawings
+    (Twitter draws several territories' flags as one flag); without this, a test image could have an
+    exact copy in train. Images of the ``test`` pool are seen first: a copy of one in another pool is
+    marked -1 (never used), so an official test set stays untouched.
+    """
+    seen_test: set[bytes] = set()
+    out: dict[str, torch.Tensor] = {}
+    for pool in sorted(pools, key=lambda p: p != "test"):
+        flat = pools[pool][0].flatten(1).numpy()
+        first: dict[bytes, int] = {}
+        grp = np.empty(flat.shape[0], dtype=np.int64)
+        for i, row in enumerate(flat):
+            key = row.tobytes()
+            grp[i] = -1 if key in seen_test else first.setdefault(key, i)
+        if pool == "test":
+            seen_test = set(first)
+        out[pool] = torch.from_numpy(grp)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -54,35 +54,97 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(seed))
 
 
-def stratified_order(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A permutation of ``range(len(labels))`` whose every prefix is (nearly) class-stratified."""
+def stratified_order(
+    labels: torch.Tensor, generator: torch.Generator, groups: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Indices ordered so that every prefix is (nearly) class-stratified.
+
+    With ``groups`` (index of each sample's first identical copy, -1 = unusable) only the first copy
+    of each group appears, standing for the whole group: its key is the middle of the group's span
+    when the class's groups are laid end to end in shuffled order, so prefixes stay stratified in
+    *sample* counts. The shuffle is over the class's samples either way, so classes without
+    duplicates get exactly the keys they would get without ``groups``.
+    """
     labels = labels.to("cpu", torch.int64)
     n = labels.numel()
     if n == 0:
         return torch.empty(0, dtype=torch.int64)
+    if groups is None:
+        is_rep = torch.ones(n, dtype=torch.bool)
+        size = torch.ones(n, dtype=torch.float64)
+    else:
+        groups = groups.to("cpu", torch.int64)
+        is_rep = groups == torch.arange(n)
+        size = torch.bincount(groups[groups >= 0], minlength=n).to(torch.float64)
     counts = torch.bincount(labels)
     by_class = torch.argsort(labels, stable=True)  # indices grouped by class, ascending within class
-    rank = torch.empty(n, dtype=torch.float64)
+    key = torch.full((n,), float("inf"), dtype=torch.float64)
     starts = torch.cumsum(counts, 0) - counts
     for c in torch.nonzero(counts).flatten().tolist():
         k = int(counts[c])
         members = by_class[int(starts[c]) : int(starts[c]) + k]
         shuffled = members[torch.randperm(k, generator=generator)]
-        rank[shuffled] = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+        reps = shuffled[is_rep[shuffled]]
+        s = size[reps]
+        if reps.numel():
+            key[reps] = (torch.cumsum(s, 0) - s / 2) / s.sum()
     # ties (same relative rank in equally sized classes) resolve by class, then index: stable sort
-    return by_class[torch.argsort(rank[by_class], stable=True)]
+    sel = by_class[is_rep[by_class]]
+    return sel[torch.argsort(key[sel], stable=True)]
 
 
-def stratified_split(labels: torch.Tensor, counts: list[int], seed: int) -> list[torch.Tensor]:
-    """Disjoint, stratified index sets of the given sizes (each sorted ascending), drawn under ``seed``."""
-    if sum(counts) > labels.numel():
-        raise ValueError(f"split sizes {counts} need {sum(counts)} samples, the pool has {labels.numel()}")
-    order = stratified_order(labels, _generator(seed))
-    out, start = [], 0
-    for c in counts:
-        out.append(torch.sort(order[start : start + c]).values)
-        start += c
-    return out
+def stratified_split(
+    labels: torch.Tensor, counts: list[int], seed: int, groups: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Disjoint, stratified index sets of the given sizes (each sorted ascending), drawn under ``seed``.
+
+    ``groups`` (see :func:`taskvec.data.sources.duplicate_groups`) keeps every copy of an image in one
+    split: walking the stratified order of groups, a whole group goes into the current split if it
+    fits, else into the next one; samples with group -1 are never used. Without duplicates this is a
+    cut of the order into consecutive chunks, so two datasets with the same labels (the emoji pair)
+    get the same indices wherever their duplicates do not interfere.
+    """
+    n_usable = labels.numel() if groups is None else int((groups >= 0).sum())
+    if sum(counts) > n_usable:
+        raise ValueError(f"split sizes {counts} need {sum(counts)} samples, the pool has {n_usable} usable")
+    order = stratified_order(labels, _generator(seed), groups)
+    if order.numel() == n_usable:  # every group is a single sample: plain cuts
+        out, start = [], 0
+        for c in counts:
+            out.append(torch.sort(order[start : start + c]).values)
+            start += c
+        return out
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups.tolist()):
+        if g >= 0:
+            members.setdefault(g, []).append(i)
+    parts: list[list[int]] = [[] for _ in counts]
+    waiting: list[list[int]] = []
+    cur = 0
+
+    def advance() -> None:
+        nonlocal cur, waiting
+        while cur < len(counts) and len(parts[cur]) >= counts[cur]:
+            cur += 1
+            still = []
+            for m in waiting:  # groups that did not fit the previous split come first
+                if cur < len(counts) and len(parts[cur]) + len(m) <= counts[cur]:
+                    parts[cur] += m
+                else:
+                    still.append(m)
+            waiting = still
+
+    advance()
+    for i in order.tolist():
+        if cur >= len(counts):
+            break
+        m = members[i]
+        if len(parts[cur]) + len(m) <= counts[cur]:
+            parts[cur] += m
+            advance()
+        else:
+            waiting.append(m)
+    return [torch.sort(torch.tensor(p, dtype=torch.int64)).values for p in parts]
 
 
 def few_shot(split: ImageSet, k: int, seed: int) -> ImageSet:

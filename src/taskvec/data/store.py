@@ -2,7 +2,7 @@
 
 Why: decoding 60k IDX images is quick but decoding thousands of PNGs is not; after the first decode a
 dataset loads from one memory-mapped file in well under a second. The file holds uint8 images at native
-resolution and int64 labels per pool (``<pool>.images``, ``<pool>.labels``), and in its metadata the
+resolution, int64 labels and duplicate groups per pool (``<pool>.images|labels|groups``), and in its metadata the
 class names and the ``key`` (source digest + format version) that the file was decoded from: a file
 whose key differs from the wanted one is ignored and decoded again.
 """
@@ -22,7 +22,7 @@ from taskvec.data.sources import RawData
 
 __all__ = ["FORMAT_VERSION", "load_decoded", "save_decoded"]
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 
 def save_decoded(path: Path, raw: RawData, key: str) -> None:
@@ -33,6 +33,8 @@ def save_decoded(path: Path, raw: RawData, key: str) -> None:
     for pool, (im, lab) in raw.pools.items():
         tensors[f"{pool}.images"] = im.contiguous()
         tensors[f"{pool}.labels"] = lab.contiguous()
+        if pool in raw.groups:
+            tensors[f"{pool}.groups"] = raw.groups[pool].contiguous()
     meta = {"classes": json.dumps(raw.classes), "key": key, "format": FORMAT_VERSION}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -56,14 +58,15 @@ def load_decoded(path: Path, key: str) -> RawData | None:
                 return None
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
         classes = json.loads(meta["classes"])
-    except (OSError, ValueError, KeyError, RuntimeError):
+    except Exception:  # safetensors raises its own error type for a truncated header
         return None  # unreadable or truncated: decode again
     pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in sorted({k.rsplit(".", 1)[0] for k in tensors}):
         if f"{name}.images" not in tensors or f"{name}.labels" not in tensors:
             return None
         pools[name] = (tensors[f"{name}.images"], tensors[f"{name}.labels"])
+    groups = {name: tensors[f"{name}.groups"] for name in pools if f"{name}.groups" in tensors}
     try:
-        return RawData(pools, classes).check(str(path))
+        return RawData(pools, classes, groups).check(str(path))
     except ValueError:
         return None

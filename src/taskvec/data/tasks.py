@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 
 from taskvec.data.registry import DATASETS
-from taskvec.data.sources import RawData, list_image_folder, read_image_folder
+from taskvec.data.sources import RawData, duplicate_groups, list_image_folder, read_image_folder
 from taskvec.data.splits import SplitSizes, resolve_size, stratified_split
 from taskvec.data.store import load_decoded, save_decoded
 from taskvec.data.types import ImageSet, Task
@@ -36,8 +36,15 @@ def load_raw(name: str, *, fetch: bool = True) -> RawData:
     raw = load_decoded(path, spec.key)
     if raw is None:
         raw = spec.read(spec.fetch(fetch)).check(f"{name} ({spec.source})")
+        raw.groups = duplicate_groups(raw.pools)
         save_decoded(path, raw, spec.key)
     return raw
+
+
+def _usable(raw: RawData, pool: str) -> int:
+    """Samples of ``pool`` that may be drawn (copies of official test images excluded)."""
+    grp = raw.groups.get(pool)
+    return int((grp >= 0).sum()) if grp is not None else raw.pools[pool][1].numel()
 
 
 def split_task(name: str, raw: RawData, sizes: SplitSizes, seed: int) -> Task:
@@ -48,24 +55,24 @@ def split_task(name: str, raw: RawData, sizes: SplitSizes, seed: int) -> Task:
     pools = set(raw.pools)
     if pools == {"train", "test"}:
         (tr_im, tr_lab), (te_im, te_lab) = raw.pools["train"], raw.pools["test"]
-        n = tr_lab.numel()
+        n = _usable(raw, "train")
         ntr = resolve_size(sizes.train, n, what=f"{name} train", remaining=n)
         if sizes.val is None:
             raise ValueError(f"{name}: val size must be given (it is drawn from the official train set)")
         nva = resolve_size(sizes.val, n, what=f"{name} val", remaining=n - ntr)
-        m = te_lab.numel()
+        m = _usable(raw, "test")
         nte = resolve_size(sizes.test, m, what=f"{name} test", remaining=m)
-        itr, iva = stratified_split(tr_lab, [ntr, nva], seed)
-        (ite,) = stratified_split(te_lab, [nte], seed)
+        itr, iva = stratified_split(tr_lab, [ntr, nva], seed, raw.groups.get("train"))
+        (ite,) = stratified_split(te_lab, [nte], seed, raw.groups.get("test"))
         pool_tr, pool_te = ImageSet(tr_im, tr_lab), ImageSet(te_im, te_lab)
         return Task(name, list(raw.classes), pool_tr.subset(itr), pool_tr.subset(iva), pool_te.subset(ite))
     if pools == {"all"}:
         im, lab = raw.pools["all"]
-        n = lab.numel()
+        n = _usable(raw, "all")
         ntr = resolve_size(sizes.train, n, what=f"{name} train", remaining=n)
         nva = resolve_size(sizes.val, n, what=f"{name} val", remaining=n - ntr)
         nte = resolve_size(sizes.test, n, what=f"{name} test", remaining=n - ntr - nva)
-        itr, iva, ite = stratified_split(lab, [ntr, nva, nte], seed)
+        itr, iva, ite = stratified_split(lab, [ntr, nva, nte], seed, raw.groups.get("all"))
         pool = ImageSet(im, lab)
         return Task(name, list(raw.classes), pool.subset(itr), pool.subset(iva), pool.subset(ite))
     raise ValueError(f"{name}: unsupported pools {sorted(pools)} (expected train+test or all)")
@@ -110,6 +117,7 @@ def image_folder(
     raw = load_decoded(cache_path, key) if cache else None
     if raw is None:
         raw = read_image_folder(root, size)
+        raw.groups = duplicate_groups(raw.pools)
         if cache:
             save_decoded(cache_path, raw, key)
     return split_task(root.name, raw, sizes or FOLDER_SIZES, seed)
