@@ -1,0 +1,218 @@
+"""The ``taskvec`` command line: a thin layer over the library.
+
+Each subcommand parses its arguments, calls one library function, and prints or writes the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+EPILOG = """\
+examples:
+  taskvec demo                                   # the main job on the embedded MobileNetV2 + real datasets
+  taskvec bank build                             # fine-tune the six-task bank (cached, resumable)
+  taskvec bank list                              # what the bank holds, accuracy before/after
+  taskvec vector make base.safetensors ft.safetensors -o tau.safetensors --dtype bf16
+  taskvec vector info tau.safetensors
+  taskvec bench step                             # coefficient step vs fine-tuning step, time and memory
+"""
+
+
+def _print_table(rows: list[dict], columns: Sequence[str] | None = None) -> None:
+    if not rows:
+        print("(empty)")
+        return
+    columns = list(columns or rows[0].keys())
+
+    def cell(value: object) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |")
+
+
+# -- vector ------------------------------------------------------------------------------------
+
+
+def _vector_make(args: argparse.Namespace) -> int:
+    from taskvec.vectors import TaskVector
+
+    vector = TaskVector.from_checkpoints(
+        args.base, args.finetuned, name=args.name or Path(args.finetuned).stem, allow_pickle=args.allow_pickle
+    )
+    path = vector.save(args.output, dtype=DTYPES[args.dtype] if args.dtype else None)
+    print(f"wrote {path}: {vector}")
+    return 0
+
+
+def _vector_info(args: argparse.Namespace) -> int:
+    from taskvec.vectors import load_task_vector
+
+    for file in args.files:
+        vector = load_task_vector(file)
+        print(f"{file}: {vector!r}")
+        for key, value in sorted(vector.metadata.items()):
+            if key not in ("order", "shapes", "scales", "fingerprint_blocks"):
+                print(f"  {key}: {value}")
+        print(f"  norm: {vector.norm():.6g}")
+    return 0
+
+
+# -- bank ------------------------------------------------------------------------------------
+
+
+def _bank_config(args: argparse.Namespace):
+    from taskvec.bank import BankConfig
+
+    return BankConfig(
+        backbone=args.backbone,
+        resolution=args.resolution,
+        epochs=args.epochs,
+        lr=args.lr,
+        seed=args.seed,
+        linearized=args.linearized,
+    )
+
+
+def _bank_build(args: argparse.Namespace) -> int:
+    from taskvec.bank import Bank
+
+    bank = Bank(_bank_config(args), root=args.root)
+    bank.build(args.tasks, force=args.force)
+    print(f"bank: {bank.root}")
+    _print_table(bank.table())
+    return 0
+
+
+def _bank_list(args: argparse.Namespace) -> int:
+    from taskvec.bank import Bank
+
+    bank = Bank(_bank_config(args), root=args.root)
+    print(f"bank: {bank.root}")
+    _print_table(bank.table())
+    return 0
+
+
+def _add_bank_options(parser: argparse.ArgumentParser) -> None:
+    from taskvec.bank import DEFAULT_TASKS, BankConfig
+
+    defaults = BankConfig()
+    add = parser.add_argument
+    add("--backbone", default=defaults.backbone, help="registered backbone (default: %(default)s)")
+    add("--resolution", type=int, default=defaults.resolution, help="input size in px (default: %(default)s)")
+    add("--epochs", type=int, default=defaults.epochs, help="fine-tuning epochs per task (default: %(default)s)")
+    add("--lr", type=float, default=defaults.lr, help="fine-tuning learning rate (default: %(default)s)")
+    add("--seed", type=int, default=defaults.seed, help="splits and training seed (default: %(default)s)")
+    add("--linearized", action="store_true", help="fine-tune in tangent space (linearised task vectors)")
+    add("--root", type=Path, default=None, help="bank directory (default: under $TASKVEC_CACHE/banks)")
+    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="tasks (default: all six)")
+
+
+# -- bench -----------------------------------------------------------------------------------
+
+
+def _bench_step(args: argparse.Namespace) -> int:
+    from taskvec.bench import format_step_table, step_table
+
+    rows = step_table(
+        args.models, args.vectors, batch=args.batch, resolution=args.resolution, storage=args.storage, steps=args.steps
+    )
+    print(format_step_table(rows))
+    if args.json:
+        from taskvec.io import write_json
+
+        write_json(args.json, rows)
+    return 0
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskvec",
+        description="Compose task vectors: learn anisotropic coefficients (aTLAS) over a bank of fine-tuned "
+        "checkpoints, merge them, and compare with the usual baselines.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    vector = commands.add_parser("vector", help="make and inspect task vectors").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    make = vector.add_parser("make", help="task vector = fine-tuned - base, saved as safetensors")
+    make.add_argument("base", help="pre-trained checkpoint (.safetensors, .pt/.bin, or a model directory)")
+    make.add_argument("finetuned", help="fine-tuned checkpoint of the same architecture")
+    make.add_argument("-o", "--output", required=True, help="output .safetensors file")
+    make.add_argument("--name", default="", help="task name stored in the metadata (default: file stem)")
+    make.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="storage dtype (default: as stored)")
+    make.add_argument(
+        "--allow-pickle", action="store_true", help="allow full unpickling of .pt/.bin files (only for trusted files)"
+    )
+    make.set_defaults(run=_vector_make)
+    info = vector.add_parser("info", help="print a task vector's metadata and norm")
+    info.add_argument("files", nargs="+")
+    info.set_defaults(run=_vector_info)
+
+    bank = commands.add_parser("bank", help="build and list the bank of fine-tuned task vectors").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    build = bank.add_parser("build", help="fit heads and fine-tune one task vector per task (cached, resumable)")
+    _add_bank_options(build)
+    build.add_argument("--force", action="store_true", help="rebuild entries that already exist")
+    build.set_defaults(run=_bank_build)
+    listing = bank.add_parser("list", help="show the bank's entries and their accuracies")
+    _add_bank_options(listing)
+    listing.set_defaults(run=_bank_list)
+
+    bench = commands.add_parser("bench", help="benchmarks that print tables").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    step = bench.add_parser("step", help="time and memory of a coefficient step vs a fine-tuning step")
+    step.add_argument("--models", nargs="+", default=["mobilenet_v2", "vit_small"])
+    step.add_argument("--vectors", nargs="+", type=int, default=[1, 4, 16])
+    step.add_argument("--batch", type=int, default=64)
+    step.add_argument("--resolution", type=int, default=32)
+    step.add_argument("--storage", choices=sorted(DTYPES), default="fp32", help="task vector storage dtype")
+    step.add_argument("--steps", type=int, default=10, help="timed steps per case (median reported)")
+    step.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    step.set_defaults(run=_bench_step)
+
+    for register in _EXTRA_COMMANDS:
+        register(commands)
+    return parser
+
+
+# Later modules (demo, recipes) add their subcommands here, keeping this file a thin index.
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"taskvec: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

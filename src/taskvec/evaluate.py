@@ -1,0 +1,64 @@
+"""Predictions and accuracy of a backbone + head on an image split, batch by batch, without gradients."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from taskvec.data import ImageSet, batches
+from taskvec.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def logits(
+    model: nn.Module,
+    head: nn.Module,
+    split: ImageSet,
+    resolution: int,
+    *,
+    batch_size: int = 256,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> Tensor:
+    """Logits of ``head(model(x))`` for every image of ``split`` (in order), on the CPU."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    out = [
+        head(model(x)).float().cpu()
+        for x, _ in batches(
+            split, batch_size, shuffle=False, generator=None, resolution=resolution, device=device, mean=mean, std=std
+        )
+    ]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def features(
+    model: nn.Module,
+    split: ImageSet,
+    resolution: int,
+    *,
+    batch_size: int = 256,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> Tensor:
+    """Backbone features of every image of ``split``: what heads are fitted on."""
+    return logits(model, nn.Identity(), split, resolution, batch_size=batch_size, mean=mean, std=std)
+
+
+def accuracy(
+    model: nn.Module, head: nn.Module, split: ImageSet, resolution: int, *, batch_size: int = 256, **norm
+) -> float:
+    """Top-1 accuracy of ``head(model(x))`` on ``split``."""
+    predicted = logits(model, head, split, resolution, batch_size=batch_size, **norm).argmax(-1)
+    return float((predicted == split.labels.cpu()).float().mean())
