@@ -10,6 +10,7 @@ float64 arithmetic on CPU is involved, so the split is the same on every machine
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -102,7 +103,8 @@ def stratified_split(
     split: walking the stratified order of groups, a whole group goes into the current split if it
     fits, else into the next one; samples with group -1 are never used. Without duplicates this is a
     cut of the order into consecutive chunks, so two datasets with the same labels (the emoji pair)
-    get the same indices wherever their duplicates do not interfere.
+    get the same indices wherever their duplicates do not interfere. When the pool is nearly used up,
+    keeping copies together can make a split fall short of its size: that warns.
     """
     n_usable = labels.numel() if groups is None else int((groups >= 0).sum())
     if sum(counts) > n_usable:
@@ -144,6 +146,18 @@ def stratified_split(
             advance()
         else:
             waiting.append(m)
+    for m in waiting:  # pool exhausted: put what still waits wherever it fits
+        for k in range(cur, len(counts)):
+            if len(parts[k]) + len(m) <= counts[k]:
+                parts[k] += m
+                break
+    got = [len(p) for p in parts]
+    if got != list(counts):
+        warnings.warn(
+            f"stratified_split: sizes {list(counts)} cannot be met exactly while keeping duplicate images "
+            f"together; got {got}",
+            stacklevel=2,
+        )
     return [torch.sort(torch.tensor(p, dtype=torch.int64)).values for p in parts]
 
 
