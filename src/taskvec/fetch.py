@@ -282,6 +282,7 @@ def _fetch(
             _extract(archive, out)
             marker = dict(meta, sha256=digest.lower(), archive=archive.name, source=source)
             (out / MARKER).write_text(json.dumps(marker, indent=1))
+            out.chmod(0o755)  # extracted dirs are made by mkdtemp (0700): make the cache shareable
             if dest.exists():  # stale or mismatching extraction: replace it
                 shutil.rmtree(dest)
             os.replace(out, dest)
