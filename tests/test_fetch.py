@@ -87,6 +87,14 @@ def test_fetch_npm_extracts_and_caches(monkeypatch, npm_archive):
     assert _leftovers(fetch.cache_dir()) == []
 
 
+def test_stale_tmp_dir_from_killed_fetch_is_cleaned(monkeypatch, npm_archive):
+    stale = fetch.cache_dir() / "npm" / ".tmp-demo-pkg-1.0.0-killed"
+    (stale / "extract").mkdir(parents=True)
+    monkeypatch.setattr(fetch, "_run_tool", FakeClient(npm_archive))
+    fetch.fetch_npm("demo-pkg", "1.0.0", None)
+    assert _leftovers(fetch.cache_dir()) == []
+
+
 def test_checksum_mismatch_names_file_and_leaves_nothing(monkeypatch, npm_archive):
     monkeypatch.setattr(fetch, "_run_tool", FakeClient(npm_archive))
     bad = "f" * 64

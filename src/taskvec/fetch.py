@@ -256,6 +256,8 @@ def _fetch(
         if _cache_hit(dest, sha256):  # another process finished it while we waited
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
+        for stale in dest.parent.glob(f".tmp-{key}-*"):  # left by a killed process; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=dest.parent))
         try:
             manual_dir = _downloads_dir()
