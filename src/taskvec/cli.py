@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -189,13 +189,35 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     step.set_defaults(run=_bench_step)
 
-    for register in _EXTRA_COMMANDS:
-        register(commands)
+    demo = commands.add_parser(
+        "demo", help="the main job: few-shot aTLAS on a task held out of the bank, against the baselines"
+    )
+    demo.add_argument("--target", default="emoji_twitter", help="held-out target task (default: %(default)s)")
+    demo.add_argument("--shots", type=int, default=16, help="labelled images per class (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="few-shot sampling and training seed")
+    demo.add_argument("--epochs", type=int, default=10, help="coefficient-training epochs (default: %(default)s)")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="results directory (default: %(default)s)")
+    demo.set_defaults(run=_demo)
     return parser
 
 
-# Later modules (demo, recipes) add their subcommands here, keeping this file a thin index.
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+def _demo(args: argparse.Namespace) -> int:
+    from taskvec.recipes.common import CoefficientSchedule
+    from taskvec.recipes.demo import DemoConfig, run_demo
+
+    result = run_demo(
+        DemoConfig(
+            target=args.target,
+            shots=args.shots,
+            seed=args.seed,
+            schedule=CoefficientSchedule(epochs=args.epochs),
+            out=args.out,
+        )
+    )
+    print(result["table"])
+    print(f"\nresults: {result['files']['json']}\ntable:   {result['files']['markdown']}")
+    print(f"heatmap: {result['files']['heatmap']}\ntotal {result['seconds']:.0f} s")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -63,6 +63,7 @@ class TrainConfig:
     mixed_precision: bool | None = None  # None: bf16 autocast when the model is on CUDA
     higher_is_better: bool = True
     select_initial: bool = True  # the untrained state competes in model selection
+    train_mode: bool = True  # False: train in eval mode, so BatchNorm statistics (and dropout) stay frozen
     progress: bool = True
     checkpoint: Path | None = None  # file written atomically at every epoch end
     resume: bool = False
@@ -197,7 +198,7 @@ def fit(
         seed = epoch_seed(config.seed, epoch)
         seed_everything(seed)
         generator = torch.Generator().manual_seed(seed)
-        model.train()
+        model.train(config.train_mode)
         total, count = 0.0, 0
         for batch in loader.epoch(generator):
             optimizer.zero_grad(set_to_none=True)

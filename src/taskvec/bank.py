@@ -1,0 +1,215 @@
+"""The bank: one fine-tuned task vector and one frozen head per task, on one pre-trained backbone.
+
+For each task the builder (1) fits a linear head on the pre-trained backbone's features of the
+task's training split, which then stays frozen (it plays the role of CLIP's zero-shot head),
+(2) fine-tunes the whole backbone through that head with normalisation statistics frozen, selecting
+the epoch on the validation split, and (3) saves the task vector, the head and a metadata file.
+
+Every entry is written atomically and ``meta.json`` last, so an interrupted build resumes at the
+first incomplete task (and inside it, at its last finished epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from taskvec.data import Task, augment, batches, load_task
+from taskvec.evaluate import accuracy, features
+from taskvec.fetch import cache_dir
+from taskvec.heads import LinearHead, fit_linear_head
+from taskvec.io import write_json
+from taskvec.linearize import LinearizedModel
+from taskvec.models import build_backbone
+from taskvec.train import Loader, TrainConfig, fit
+from taskvec.vectors import TaskVector, load_task_vector
+
+DEFAULT_TASKS = ("mnist", "fashion_mnist", "animal_mnist", "digits", "emoji_google", "emoji_twitter")
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    """Everything that determines a bank's contents; its hash names the bank's directory."""
+
+    backbone: str = "mobilenet_v2"
+    resolution: int = 48
+    epochs: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    seed: int = 0
+    linearized: bool = False
+    pretrained: bool = True  # False only for tests on tiny randomly initialised (seeded) backbones
+
+    def key(self) -> str:
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        mode = "-linear" if self.linearized else ""
+        return f"{self.backbone}-{self.resolution}px{mode}-{digest}"
+
+
+class Bank:
+    """A directory of task vectors and heads built under one :class:`BankConfig`."""
+
+    def __init__(
+        self,
+        config: BankConfig | None = None,
+        root: Path | str | None = None,
+        *,
+        loader: Callable[..., Task] = load_task,
+    ) -> None:
+        self.config = config or BankConfig()
+        self.root = Path(root) if root is not None else cache_dir() / "banks" / self.config.key()
+        self.loader = loader  # (name, seed=...) -> Task; tests pass small in-memory tasks
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def entry(self, task: str) -> Path:
+        return self.root / task
+
+    def has(self, task: str) -> bool:
+        return (self.entry(task) / "meta.json").is_file()
+
+    def tasks(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "meta.json").is_file())
+
+    def meta(self, task: str) -> dict:
+        self._require(task)
+        return json.loads((self.entry(task) / "meta.json").read_text())
+
+    def vector(self, task: str) -> TaskVector:
+        self._require(task)
+        return load_task_vector(self.entry(task) / "vector.safetensors")
+
+    def vectors(self, tasks: Iterable[str]) -> list[TaskVector]:
+        return [self.vector(task) for task in tasks]
+
+    def head(self, task: str) -> LinearHead:
+        self._require(task)
+        return LinearHead.load(self.entry(task) / "head.safetensors")
+
+    def base(self) -> nn.Module:
+        """A fresh pre-trained backbone, the base every vector of this bank was made on."""
+        backbone, _ = build_backbone(self.config.backbone, pretrained=self.config.pretrained)
+        return backbone.eval()
+
+    def _require(self, task: str) -> None:
+        if not self.has(task):
+            built = ", ".join(self.tasks()) or "none"
+            raise FileNotFoundError(
+                f"bank {self.root} has no finished entry for task '{task}' (built: {built}); "
+                f"run `taskvec bank build --tasks {task}`"
+            )
+
+    def table(self) -> list[dict]:
+        rows = []
+        for task in self.tasks():
+            meta = self.meta(task)
+            keys = ("task", "head_test_acc", "finetuned_test_acc", "epochs", "seconds")
+            rows.append({key: meta[key] for key in keys})
+        return rows
+
+    # -- building ------------------------------------------------------------------------------
+
+    def build(self, tasks: Sequence[str] = DEFAULT_TASKS, *, progress: bool = True, force: bool = False) -> list[dict]:
+        """Build every missing entry (all of them with ``force``); returns their metadata."""
+        todo = [task for task in tasks if force or not self.has(task)]
+        for task in tqdm(todo, desc="bank", disable=not progress or not todo):
+            self.build_entry(task, progress=progress)
+        return [self.meta(task) for task in tasks]
+
+    def build_entry(self, task_name: str, *, progress: bool = True) -> dict:
+        cfg = self.config
+        started = time.perf_counter()
+        task = self.loader(task_name, seed=cfg.seed)
+        base, spec = build_backbone(cfg.backbone, pretrained=cfg.pretrained)
+        base.eval()
+        norm = {"mean": spec.mean, "std": spec.std}
+        head = fit_linear_head(
+            features(base, task.train, cfg.resolution, **norm), task.train.labels, task.num_classes
+        )
+        head.requires_grad_(False)
+        head_val = accuracy(base, head, task.val, cfg.resolution, **norm)
+        head_test = accuracy(base, head, task.test, cfg.resolution, **norm)
+
+        model: nn.Module
+        if cfg.linearized:
+            model = LinearizedModel(base)
+        else:
+            model = build_backbone(cfg.backbone, pretrained=cfg.pretrained)[0]
+            model.requires_grad_(True)
+        directory = self.entry(task_name)
+        directory.mkdir(parents=True, exist_ok=True)
+        result = fit(
+            model,
+            _head_loss(head),
+            _loader(task, cfg.resolution, cfg.batch_size, norm),
+            TrainConfig(
+                epochs=cfg.epochs,
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+                seed=cfg.seed,
+                max_grad_norm=1.0,
+                select_initial=False,
+                train_mode=False,  # BatchNorm statistics frozen: the vector is a pure parameter difference
+                progress=progress,
+                checkpoint=directory / "train_state.pt",
+                resume=True,
+                description=f"fine-tune {task_name}",
+            ),
+            evaluate=lambda m: accuracy(m, head, task.val, cfg.resolution, **norm),
+        )
+        finetuned_test = accuracy(model, head, task.test, cfg.resolution, **norm)
+        name = f"{task_name}{'-linear' if cfg.linearized else ''}"
+        if cfg.linearized:
+            vector = model.task_vector(name=task_name, base_name=cfg.backbone)
+        else:
+            vector = TaskVector.from_models(base, model, name=task_name, base_name=cfg.backbone)
+        vector.save(directory / "vector.safetensors")
+        head.save(directory / "head.safetensors")
+        meta = {
+            "task": task_name,
+            "name": name,
+            "classes": task.classes,
+            "config": asdict(cfg),
+            "sizes": {"train": len(task.train), "val": len(task.val), "test": len(task.test)},
+            "head_val_acc": head_val,
+            "head_test_acc": head_test,
+            "finetuned_val_acc": result.best_metric,
+            "finetuned_test_acc": finetuned_test,
+            "best_epoch": result.best_epoch,
+            "epochs": cfg.epochs,
+            "vector_norm": vector.norm(),
+            "seconds": time.perf_counter() - started,
+        }
+        write_json(directory / "meta.json", meta)
+        (directory / "train_state.pt").unlink(missing_ok=True)
+        return meta
+
+
+def _loader(task: Task, resolution: int, batch_size: int, norm: dict) -> Loader:
+    steps = (len(task.train) + batch_size - 1) // batch_size
+
+    def make(generator: torch.Generator):
+        for x, y in batches(task.train, batch_size, shuffle=True, generator=generator, resolution=resolution, **norm):
+            yield augment(x, generator, "weak", **norm), y
+
+    return Loader(make, steps)
+
+
+def _head_loss(head: nn.Module):
+    def loss(model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(head(model(x)), y)
+
+    return loss
