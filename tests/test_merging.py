@@ -20,6 +20,15 @@ from taskvec.vectors import BaseMismatchError, LoraTaskVector, TaskVector
 META = {"base_fingerprint": "f00d", "name": "v"}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny full-batch problems: one intra-op thread avoids oversubscription on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _vec(values, name: str = "v", **blocks) -> TaskVector:
     tensors = {"w": torch.tensor(values, dtype=torch.float32)}
     tensors.update({k: torch.tensor(v, dtype=torch.float32) for k, v in blocks.items()})

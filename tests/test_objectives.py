@@ -28,6 +28,15 @@ from taskvec.objectives import (
 from taskvec.train import Loader, TrainConfig, fit
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny full-batch problems: one intra-op thread avoids oversubscription on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Table(nn.Module):
     """A 'model' whose output for sample i is a free row of logits: objectives seen row by row."""
 
