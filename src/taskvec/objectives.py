@@ -50,6 +50,7 @@ __all__ = [
     "sam_perturbation",
     "sar",
     "sharpness_aware",
+    "shifted",
     "simclr",
     "softmax_entropy",
     "trusted_set",
