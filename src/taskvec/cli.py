@@ -6,6 +6,7 @@ Each subcommand parses its arguments, calls one library function, and prints or 
 from __future__ import annotations
 
 import argparse
+from importlib import import_module
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -198,7 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=10, help="coefficient-training epochs (default: %(default)s)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="results directory (default: %(default)s)")
     demo.set_defaults(run=_demo)
+
+    run = commands.add_parser("run", help="the paper's experiments as recipes (tables, JSON, plots)")
+    recipes = run.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
+    for name in RECIPES:
+        try:
+            module = import_module(f"taskvec.recipes.{name}")
+        except ModuleNotFoundError as err:  # a recipe still being written
+            if err.name != f"taskvec.recipes.{name}":
+                raise
+            continue
+        module.register_cli(recipes)
     return parser
+
+
+# Each recipe module exposes register_cli(subparsers) adding `taskvec run <name>`.
+RECIPES = ("addition", "negation", "fewshot", "tta", "variational")
 
 
 def _demo(args: argparse.Namespace) -> int:
