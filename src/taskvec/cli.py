@@ -6,9 +6,9 @@ Each subcommand parses its arguments, calls one library function, and prints or 
 from __future__ import annotations
 
 import argparse
-from importlib import import_module
 import sys
 from collections.abc import Sequence
+from importlib import import_module
 from pathlib import Path
 
 import torch
