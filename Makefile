@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
+	# Fashion-MNIST comes from Debian: apt-get download needs package lists (a fresh machine has none).
+	@ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -qq || true
 	$(BIN)/taskvec demo
 
 test: $(STAMP)
