@@ -8,6 +8,9 @@ from torch import nn
 
 from taskvec.vectors import TaskVector
 
+# `make test` runs two pytest workers on two cores: one torch thread each avoids oversubscription.
+torch.set_num_threads(1)
+
 
 class TinyNet(nn.Module):
     """Conv + BatchNorm + depthwise conv + LayerNorm + linear: every kind of block the composer meets."""
