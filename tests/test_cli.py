@@ -1,0 +1,74 @@
+"""The command line as a user drives it: exit codes, files written, errors that name the culprit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_base, perturbed
+from safetensors.torch import save_file
+
+from taskvec.bench import StepCase, format_step_table, run_case
+from taskvec.cli import build_parser, main
+from taskvec.vectors import TaskVector
+
+
+def _save(model, path):
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("demo", "bank", "vector", "run", "bench"):
+        assert command in out
+
+
+def test_vector_make_and_info(tmp_path, capsys):
+    base = make_base()
+    base_path = _save(base, tmp_path / "base.safetensors")
+    torch.save(perturbed(base, 1).state_dict(), tmp_path / "ft.pt")
+    out = tmp_path / "tau.safetensors"
+    assert main(["vector", "make", str(base_path), str(tmp_path / "ft.pt"), "-o", str(out), "--dtype", "bf16"]) == 0
+    vector = TaskVector.load(out)
+    assert vector.dtype == torch.bfloat16 and vector.name == "ft"
+    assert main(["vector", "info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "base_fingerprint" in printed and "norm:" in printed
+
+
+def test_vector_make_reports_bad_input(tmp_path, capsys):
+    base = make_base()
+    base_path = _save(base, tmp_path / "base.safetensors")
+    state = perturbed(base, 1).state_dict()
+    state["fc.weight"] = torch.zeros(9, 8)
+    _save_dict = {k: v.contiguous() for k, v in state.items()}
+    save_file(_save_dict, str(tmp_path / "bad.safetensors"))
+    code = main(["vector", "make", str(base_path), str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "o.st")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "fc.weight" in err and "bad.safetensors" in err
+    assert not (tmp_path / "o.st").exists()  # nothing half-written
+
+
+def test_bank_list_on_empty_root(tmp_path, capsys):
+    assert main(["bank", "list", "--root", str(tmp_path)]) == 0
+    assert "(empty)" in capsys.readouterr().out
+
+
+def test_every_recipe_has_help():
+    parser = build_parser()
+    run = next(a for a in parser._subparsers._group_actions[0].choices["run"]._actions if a.dest == "recipe")
+    for name, sub in run.choices.items():
+        assert sub.format_help(), name
+
+
+@pytest.mark.parametrize("mode", ["finetune", "compose"])
+def test_bench_case_runs(mode):
+    row = run_case(StepCase("tiny_cnn", mode, vectors=2, batch=4, resolution=16, steps=2, warmup=1, threads=1))
+    assert row["step_ms"] > 0 and row["base_mib"] > 0
+    assert (row["vectors_mib"] > 0) == (mode == "compose")
+    row.update(ratio=1.0, budget_mib=1.0, peak_above_start_mib=0.0)
+    assert "tiny_cnn" in format_step_table([row])
