@@ -1,0 +1,309 @@
+"""Sample-specific composition without one model per sample.
+
+Each sample s has its own coefficients c_s (n_vectors, n_columns). Two exact ways to run the batch:
+
+* :class:`VmapRunner` -- ``torch.func.vmap`` over ``Composer.forward(x_s, coefficients=c_s)``: generic
+  (any module, linearised composers, LoRA banks); per-sample weights are materialised inside vmap,
+  ``chunk_size`` samples at a time, so memory is bounded by ``chunk_size`` copies of the composed blocks.
+* :class:`LinearRunner` -- every block enters the network linearly, so
+  ``W_s x = W_0 x + sum_j c_sj (T_j x)``: forward hooks on the base's Linear / Conv / LayerNorm /
+  BatchNorm (eval) / GroupNorm modules add the per-sample correction to the module's output. No weight
+  is ever copied; the cost is one extra product per basis tensor T_j (a task vector restricted to one
+  coefficient column). Any other owner of a composed block is refused with the module's type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import vmap
+from torch.utils._pytree import tree_map
+
+from taskvec.compose import Composer
+
+
+class UnsupportedModuleError(TypeError):
+    """A composed block lives in a module the linearity runner cannot correct exactly."""
+
+
+def _check_coefficients(composer: Composer, x: Tensor, coefficients: Tensor) -> None:
+    expected = (x.shape[0], composer.num_vectors, composer.layout.num_columns)
+    if tuple(coefficients.shape) != expected:
+        raise ValueError(
+            f"per-sample coefficients have shape {tuple(coefficients.shape)}; expected {expected} "
+            "(batch, n_vectors, n_columns)"
+        )
+
+
+def check_frozen_norms(model: nn.Module) -> None:
+    """Per-sample composition needs normalisation statistics that do not mix samples of a batch."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            module.training or module.running_mean is None
+        ):
+            raise ValueError(
+                f"{type(module).__name__} '{name}' uses batch statistics (training mode or no running "
+                "stats); per-sample composition needs it in eval mode with running statistics "
+                "(Composer(base_eval=True))"
+            )
+
+
+class VmapRunner:
+    """vmap over ``Composer.forward`` with per-sample coefficients, ``chunk_size`` samples per slice."""
+
+    def __init__(self, composer: Composer, chunk_size: int | None = 32) -> None:
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        self.composer = composer
+        self.chunk_size = chunk_size
+
+    def __call__(self, x: Tensor, coefficients: Tensor) -> Tensor:
+        _check_coefficients(self.composer, x, coefficients)
+        check_frozen_norms(self.composer.base)
+        composer = self.composer
+
+        def one(sample: Tensor, coefficient: Tensor):
+            out = composer(sample.unsqueeze(0), coefficients=coefficient)
+            return tree_map(lambda t: t.squeeze(0), out)
+
+        return vmap(one, in_dims=(0, 0), chunk_size=self.chunk_size)(x, coefficients)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linearity runner
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Basis:
+    """Non-zero basis tensors of one block and the flat coefficient index (i * C + column) of each."""
+
+    tensors: Tensor  # (m, *block shape)
+    index: Tensor  # (m,) long
+
+
+_SUPPORTED: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._BatchNorm,
+)
+
+
+def _supported_kind(module: nn.Module) -> str | None:
+    """The kind of correction for ``module``, or None when its forward is not the stock one."""
+    for cls, kind in (
+        (nn.Linear, "linear"),
+        (nn.Conv1d, "conv"),
+        (nn.Conv2d, "conv"),
+        (nn.Conv3d, "conv"),
+        (nn.LayerNorm, "layer_norm"),
+        (nn.GroupNorm, "group_norm"),
+        (nn.modules.batchnorm._BatchNorm, "batch_norm"),
+    ):
+        if isinstance(module, cls):
+            stock = type(module).forward is cls.forward or (
+                kind == "batch_norm" and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
+            )
+            return kind if stock else None
+    return None
+
+
+def _lead(batch: int, tensor: Tensor, trailing: int) -> tuple[int, ...]:
+    """View shape that puts ``batch`` first and broadcasts over the middle dims of ``tensor``."""
+    return (batch,) + (1,) * (tensor.dim() - 1 - trailing)
+
+
+class LinearRunner:
+    """Per-sample composition by linearity: forward hooks add ``sum_j c_sj (T_j x)`` to each module.
+
+    Built once per composer; the basis (every vector restricted to every column of every block, all-zero
+    entries dropped) is computed with ``Composer.block_delta`` on one-hot coefficients, so dense, LoRA
+    and xK banks are all handled by the composer's own code. It costs about one bank of memory.
+    """
+
+    def __init__(self, composer: Composer) -> None:
+        if composer.linearized:
+            raise UnsupportedModuleError(
+                "the linearity runner needs a plain composer; a linearised one (linearized=True) is not "
+                "linear in its blocks' inputs -- use method='vmap'"
+            )
+        self.composer = composer
+        base = composer.base
+        owners: dict[int, list[str]] = {}
+        for name, param in base.named_parameters(remove_duplicate=False):
+            owners.setdefault(id(param), []).append(name)
+        params = dict(base.named_parameters())
+        self.modules: dict[str, tuple[nn.Module, str, list[str]]] = {}
+        problems: list[str] = []
+        for block in composer.block_names:
+            tied = owners.get(id(params[block]), [block])
+            if len(tied) > 1:
+                problems.append(f"block '{block}' is tied to {tied[1:]} (shared parameters)")
+                continue
+            prefix, _, attr = block.rpartition(".")
+            module = base.get_submodule(prefix)
+            kind = _supported_kind(module)
+            if kind is None or attr not in ("weight", "bias"):
+                problems.append(f"block '{block}' belongs to {type(module).__name__} '{prefix or '<root>'}'")
+                continue
+            if isinstance(module, nn.modules.conv._ConvTransposeNd):
+                problems.append(f"block '{block}' belongs to {type(module).__name__} '{prefix}'")
+                continue
+            entry = self.modules.setdefault(prefix, (module, kind, []))
+            entry[2].append(attr)
+        if problems:
+            raise UnsupportedModuleError(
+                "the linearity runner handles Linear, Conv1d/2d/3d, LayerNorm, GroupNorm and BatchNorm "
+                "(eval) called through their own forward; "
+                + "; ".join(problems[:6])
+                + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else "")
+                + ". Use method='vmap', or leave these blocks out of the composer (Composer(blocks=...))."
+            )
+        self._cache: dict[tuple[torch.device, torch.dtype], dict[str, dict[str, _Basis]]] = {}
+
+    # -- the basis -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _build(self, device: torch.device, dtype: torch.dtype) -> dict[str, dict[str, _Basis]]:
+        composer = self.composer
+        n, columns = composer.num_vectors, composer.layout.num_columns
+        plan: dict[str, dict[str, _Basis]] = {}
+        for prefix, (_module, kind, attrs) in self.modules.items():
+            for attr in attrs:
+                block = f"{prefix}.{attr}" if prefix else attr
+                tensors, index = [], []
+                for i in range(n):
+                    for column in composer.layout.blocks[block].columns.tolist():
+                        onehot = torch.zeros(n, columns, device=device)
+                        onehot[i, column] = 1.0
+                        delta = composer.block_delta(block, onehot)
+                        if bool(delta.any()):
+                            tensors.append(delta.to(dtype))
+                            index.append(i * columns + column)
+                if tensors:
+                    stack = torch.stack(tensors)
+                    if attr == "weight" and kind in ("linear", "conv"):
+                        stack = stack.transpose(0, 1).reshape(stack.shape[1], -1, *stack.shape[3:]).contiguous()
+                    plan.setdefault(prefix, {})[attr] = _Basis(stack, torch.tensor(index, device=device))
+        return plan
+
+    def basis(self) -> dict[str, dict[str, _Basis]]:
+        param = next(self.composer.base.parameters())
+        key = (param.device, param.dtype)
+        if key not in self._cache:
+            self._cache.clear()
+            self._cache[key] = self._build(*key)
+        return self._cache[key]
+
+    # -- the corrections -----------------------------------------------------------------------
+
+    @staticmethod
+    def _correction(module: nn.Module, kind: str, x: Tensor, plan: dict[str, _Basis], flat: Tensor) -> Tensor:
+        batch = flat.shape[0]
+        if x.shape[0] != batch:
+            raise ValueError(
+                f"{type(module).__name__} received input with leading dim {x.shape[0]}, expected the batch "
+                f"size {batch}: the linearity runner needs batch-first activations (use method='vmap')"
+            )
+        weight, bias = plan.get("weight"), plan.get("bias")
+        total: Tensor | None = None
+        if kind == "linear":
+            if weight is not None:
+                c = flat[:, weight.index].to(x.dtype)
+                m = c.shape[1]
+                scaled = x.unsqueeze(-2) * c.view(*_lead(batch, x, 1), m, 1)
+                total = F.linear(scaled.flatten(-2), weight.tensors)
+            if bias is not None:
+                shift = (flat[:, bias.index].to(x.dtype) @ bias.tensors).view(*_lead(batch, x, 1), -1)
+                total = shift if total is None else total + shift
+        elif kind == "conv":
+            spatial = x.dim() - 2
+            if weight is not None:
+                c = flat[:, weight.index].to(x.dtype)
+                m, groups = c.shape[1], module.groups
+                per_group = x.shape[1] // groups
+                scaled = x.view(batch, groups, 1, per_group, *x.shape[2:]) * c.view(
+                    batch, 1, m, 1, *(1,) * spatial
+                )
+                total = module._conv_forward(scaled.reshape(batch, -1, *x.shape[2:]), weight.tensors, None)
+            if bias is not None:
+                shift = (flat[:, bias.index].to(x.dtype) @ bias.tensors).view(batch, -1, *(1,) * spatial)
+                total = shift if total is None else total + shift
+        else:
+            if kind == "layer_norm":
+                trailing = len(module.normalized_shape)
+                normed = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+                shape = (*_lead(batch, x, trailing), *module.normalized_shape)
+            elif kind == "group_norm":
+                normed = F.group_norm(x, module.num_groups, None, None, module.eps)
+                shape = (batch, -1, *(1,) * (x.dim() - 2))
+            else:
+                normed = F.batch_norm(
+                    x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps
+                )
+                shape = (batch, -1, *(1,) * (x.dim() - 2))
+            if weight is not None:
+                scale = flat[:, weight.index].to(x.dtype) @ weight.tensors.flatten(1)
+                total = normed * scale.view(shape)
+            if bias is not None:
+                shift = (flat[:, bias.index].to(x.dtype) @ bias.tensors.flatten(1)).view(shape)
+                total = shift if total is None else total + shift
+        assert total is not None
+        return total
+
+    def __call__(self, x: Tensor, coefficients: Tensor, *args, **kwargs):
+        composer = self.composer
+        _check_coefficients(composer, x, coefficients)
+        check_frozen_norms(composer.base)
+        plan = self.basis()
+        flat = coefficients.reshape(coefficients.shape[0], -1)
+        fired: set[str] = set()
+
+        def hook_for(prefix: str, module: nn.Module, kind: str) -> Callable:
+            def hook(mod: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+                fired.add(prefix)
+                return output + self._correction(mod, kind, inputs[0], plan[prefix], flat)
+
+            return hook
+
+        handles = [
+            module.register_forward_hook(hook_for(prefix, module, kind))
+            for prefix, (module, kind, _attrs) in self.modules.items()
+            if prefix in plan
+        ]
+        try:
+            out = composer.base(x, *args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        missed = [prefix for prefix in plan if prefix not in fired]
+        if missed:
+            module = self.modules[missed[0]][0]
+            raise UnsupportedModuleError(
+                f"{type(module).__name__} '{missed[0]}' owns composed blocks but was not called through its "
+                f"forward (its weights are used some other way, e.g. by a parent module); {len(missed)} such "
+                "module(s). Use method='vmap'."
+            )
+        return out
+
+
+def make_runner(composer: Composer, method: str, chunk_size: int | None = 32) -> VmapRunner | LinearRunner:
+    """``vmap``, ``linear``, or ``auto`` (linear where every composed block allows it, else vmap)."""
+    if method == "vmap":
+        return VmapRunner(composer, chunk_size)
+    if method == "linear":
+        return LinearRunner(composer)
+    if method == "auto":
+        try:
+            return LinearRunner(composer)
+        except UnsupportedModuleError:
+            return VmapRunner(composer, chunk_size)
+    raise ValueError(f"per-sample method {method!r} is not one of 'auto', 'linear', 'vmap'")
