@@ -10,10 +10,9 @@ import pytest
 import synthetic
 import torch
 
-import taskvec.recipes.common as common
 import taskvec.recipes.fewshot as fewshot
 from taskvec.bank import Bank, BankConfig
-from taskvec.data import Task
+from taskvec.data import ImageSet, Task
 from taskvec.recipes.common import CoefficientSchedule
 from taskvec.recipes.fewshot import METHODS, FewShotConfig, mean_se, run_fewshot, summarize
 
@@ -71,6 +70,19 @@ def test_summarize_averages_targets_per_seed_then_seeds():
     assert average["se"] == pytest.approx(mean_se([0.6, 0.8])[1])
     per_a = next(r for r in summary["per_target"] if r["target"] == "a")
     assert (per_a["mean"], per_a["se"]) == pytest.approx(mean_se([0.5, 0.6, 0.9]))
+
+
+def test_selection_metric_orders_by_accuracy_then_cross_entropy():
+    split = ImageSet(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))
+    confident = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0], [0.5, 0.0]])  # 3/4 right, sure of itself
+    hesitant = torch.tensor([[0.1, 0.0], [0.0, 0.1], [0.1, 0.0], [0.1, 0.0]])  # the same 3/4, barely
+    wrong = torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])  # 1/4
+    metric = fewshot.selection_metric
+    assert metric(confident, split) > metric(hesitant, split) > metric(wrong, split)
+    assert 0.75 < metric(hesitant, split) < metric(confident, split) < 0.75 + 1 / 5
+    # Any accuracy gain beats any cross-entropy gain: a perfect but hesitant model beats a confident 3/4.
+    perfect = torch.tensor([[0.01, 0.0], [0.0, 0.01], [0.01, 0.0], [0.0, 0.01]])
+    assert metric(perfect, split) > metric(confident, split)
 
 
 # -- end to end ---------------------------------------------------------------------------------
@@ -136,9 +148,10 @@ def test_seeds_reproduce_and_test_labels_never_steer_anything(bank, result, tmp_
     """Rerun with the same seeds: identical numbers. Rerun with every target's *test labels permuted*:
     every selection score, selected hyper-parameter and selected epoch stays identical, so test labels
     never reached training or selection; only the final test accuracies change."""
-    again = run_fewshot(small_config(tmp_path / "again"), bank=bank, tasks=TASKS)
+    again = run_fewshot(small_config(tmp_path / "again", targets=("gamma",), shots=(4,), ood=False), bank=bank,
+                        tasks=TASKS)
     assert [(_key(r), r["test_acc"], r["selection_acc"]) for r in again["records"]] == [
-        (_key(r), r["test_acc"], r["selection_acc"]) for r in result["records"]
+        (_key(r), r["test_acc"], r["selection_acc"]) for r in result["records"] if (r["target"], r["k"]) == ("gamma", 4)
     ]
 
     def relabelled(name: str, *, seed: int = 0) -> Task:
@@ -160,7 +173,7 @@ def test_training_and_selection_see_only_the_k_shot_data(bank, tmp_path, monkeyp
     """Every split a method trains on or is scored on before the end is drawn from the target's
     training split and holds at most k images per class."""
     seen: list[tuple[str, object]] = []
-    real_score, real_loader, real_accuracy = fewshot.score, common.image_loader, common.accuracy
+    real_score, real_loader, real_select = fewshot.score, fewshot.image_loader, fewshot.selection_metric
 
     def spy_score(logits, split):
         seen.append(("score", split))
@@ -170,14 +183,13 @@ def test_training_and_selection_see_only_the_k_shot_data(bank, tmp_path, monkeyp
         seen.append(("train", split))
         return real_loader(split, *args, **kwargs)
 
-    def spy_accuracy(model, head, split, *args, **kwargs):
+    def spy_select(logits, split):
         seen.append(("select", split))
-        return real_accuracy(model, head, split, *args, **kwargs)
+        return real_select(logits, split)
 
     monkeypatch.setattr(fewshot, "score", spy_score)
     monkeypatch.setattr(fewshot, "image_loader", spy_loader)
-    monkeypatch.setattr(common, "image_loader", spy_loader)
-    monkeypatch.setattr(common, "accuracy", spy_accuracy)
+    monkeypatch.setattr(fewshot, "selection_metric", spy_select)
     run_fewshot(small_config(tmp_path, targets=("gamma",), shots=(4,), seeds=(0,), ood=False), bank=bank, tasks=TASKS)
 
     task = synthetic.loader("gamma", seed=CONFIG.seed)
