@@ -1,0 +1,195 @@
+"""The task addition recipe end to end on a tiny seeded backbone and synthetic tasks: bookkeeping,
+selection on validation data only, normalisation, reproducibility and outputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import synthetic
+import torch
+
+import taskvec.recipes.addition as addition
+import taskvec.recipes.common as common
+from taskvec.bank import Bank, BankConfig
+from taskvec.compose import Composer
+from taskvec.recipes.addition import (
+    METHODS,
+    AdditionConfig,
+    ClampedComposer,
+    ConstantRateAdam,
+    mixed_loader,
+    run_addition,
+    split_validation,
+)
+
+TASKS = ("alpha", "beta", "gamma")
+CONFIG = BankConfig(backbone="tiny_cnn", resolution=16, epochs=1, lr=3e-3, batch_size=16, pretrained=False)
+NORM = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+def recipe_banks(tmp_path_factory) -> tuple[Bank, Bank]:
+    """A standard and a linearised tiny bank, built once per pytest process (the negation tests reuse
+    them: ``Bank.build`` skips finished entries)."""
+    root = tmp_path_factory.getbasetemp() / "recipe_banks"
+    standard = Bank(CONFIG, root=root / "standard", loader=synthetic.loader)
+    linear = Bank(replace(CONFIG, linearized=True), root=root / "linear", loader=synthetic.loader)
+    standard.build(TASKS, progress=False)
+    linear.build(TASKS, progress=False)
+    return standard, linear
+
+
+@pytest.fixture(scope="module")
+def banks(tmp_path_factory) -> tuple[Bank, Bank]:
+    return recipe_banks(tmp_path_factory)
+
+
+def small(out, **changes) -> AdditionConfig:
+    settings = dict(select_per_task=8, fit_per_task=16, epochs=2, batch_per_task=4, adamerging_steps=3,
+                    alpha_grid=(0.0, 0.5, 1.0), ties_grid=(0.0, 1.0), bank=CONFIG, out=out, progress=False)
+    settings.update(changes)
+    return AdditionConfig(**settings)
+
+
+def test_split_validation_is_disjoint_seeded_and_per_task():
+    val = synthetic.make_task("alpha").val
+    select, fit = split_validation(val, 8, 10, seed=0, name="alpha")
+    assert len(select) == 8 and len(fit) == 10
+    rows = {tuple(im.flatten().tolist()) for im in val.images}
+    picked = [tuple(im.flatten().tolist()) for im in torch.cat([select.images, fit.images])]
+    assert len(set(picked)) == 18 and set(picked) <= rows  # disjoint parts of the validation split
+    again, _ = split_validation(val, 8, 10, seed=0, name="alpha")
+    assert torch.equal(again.images, select.images)
+    other, _ = split_validation(val, 8, 10, seed=0, name="beta")
+    assert not torch.equal(other.images, select.images)
+    _, rest = split_validation(val, 8, 100, seed=0)
+    assert len(rest) == len(val) - 8
+    with pytest.raises(ValueError, match="cannot hold out"):
+        split_validation(val, len(val), 4, seed=0)
+
+
+def test_mixed_loader_mixes_tasks_and_hides_labels():
+    a, b = synthetic.make_task("alpha").val, synthetic.make_task("beta", val=10).val
+    loader = mixed_loader([a, b], 4, 16, NORM)
+    assert len(loader) == 3  # the smaller part (10 images) sets the epoch
+    batches = list(loader.epoch(torch.Generator().manual_seed(0)))
+    assert len(batches) == 3 and all(len(batch) == 2 for batch in batches)
+    (xa, ya), (xb, _) = batches[0]
+    assert xa.shape == xb.shape == (4, 3, 16, 16) and ya.dtype == torch.int64
+    again = list(loader.epoch(torch.Generator().manual_seed(0)))
+    assert torch.equal(again[1][0][0], batches[1][0][0])
+    unlabelled = mixed_loader([a, b], 2, 16, NORM, steps=5, labels=False)
+    items = list(unlabelled.epoch(torch.Generator().manual_seed(0)))
+    assert len(items) == 5 and all(isinstance(x, torch.Tensor) for batch in items for x in batch)
+
+
+def test_constant_rate_adam_ignores_fit_schedule(banks):
+    standard, _ = banks
+    composer = Composer(standard.base(), standard.vectors(TASKS), "block", init=0.3)
+    clamped = ClampedComposer(composer, 0.0, 1.0)
+    optimizer = ConstantRateAdam([composer.coefficients], 1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.01)
+    composer.coefficients.grad = torch.ones_like(composer.coefficients)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)  # what the schedule wrote...
+    before = composer.coefficients.detach().clone()
+    composer.coefficients.grad = torch.ones_like(composer.coefficients)
+    optimizer.step()  # ...is overridden: Adam's first steps move by about the rate
+    assert (before - composer.coefficients.detach()).mean() == pytest.approx(1e-3, rel=1e-2)
+    with torch.no_grad():
+        composer.coefficients[0, 0] = 1.7
+    clamped.settle()
+    assert float(composer.coefficients.detach().max()) <= 1.0
+
+
+def test_addition_end_to_end(banks, tmp_path, monkeypatch):
+    standard, linear = banks
+    # Every accuracy computed while a choice is made (fit's model selection, alpha searches) must be on
+    # held-out validation images, never on a test split.
+    state = {"selecting": 0}
+    seen: list = []
+    real_accuracy, real_fit = addition.accuracy, addition.fit
+    real_search, real_common_search = addition.alpha_search, common.alpha_search
+
+    def spy_accuracy(model, head, split, *args, **kwargs):
+        if state["selecting"]:
+            seen.append(split)
+        return real_accuracy(model, head, split, *args, **kwargs)
+
+    def selecting(function):
+        def wrapped(*args, **kwargs):
+            state["selecting"] += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                state["selecting"] -= 1
+        return wrapped
+
+    monkeypatch.setattr(addition, "accuracy", spy_accuracy)
+    monkeypatch.setattr(addition, "fit", selecting(real_fit))
+    monkeypatch.setattr(addition, "alpha_search", selecting(real_search))
+    monkeypatch.setattr(common, "alpha_search", selecting(real_common_search))
+
+    config = small(tmp_path / "run")
+    result = run_addition(config, bank=standard, linear_bank=linear, tasks=TASKS)
+
+    assert seen, "model selection evaluated nothing"
+    vals = {t: synthetic.loader(t, seed=CONFIG.seed).val for t in TASKS}
+    tests = {t: synthetic.loader(t, seed=CONFIG.seed).test for t in TASKS}
+    for split in seen:
+        assert len(split) == config.select_per_task
+        assert not any(len(split) == len(t) and torch.equal(split.images, t.images) for t in tests.values())
+        assert any(all((v.images == im).flatten(1).all(1).any() for im in split.images) for v in vals.values())
+
+    rows = {r["key"]: r for r in result["rows"]}
+    assert list(rows) == list(METHODS)
+    for key, row in rows.items():
+        reference = linear if key == "atlas_lin" else standard
+        for task in TASKS:
+            finetuned = reference.meta(task)["finetuned_test_acc"]
+            assert row["normalized"][task] == pytest.approx(row["test_acc"][task] / finetuned)
+        assert row["avg_normalized"] == pytest.approx(sum(row["normalized"].values()) / len(TASKS))
+        assert row["seconds"] >= 0
+    for task in TASKS:
+        assert rows["pretrained"]["test_acc"][task] == standard.meta(task)["head_test_acc"]
+    assert rows["task_arithmetic"]["alpha"] in config.alpha_grid
+    assert rows["ties"]["scale"] in config.ties_grid
+    assert rows["atlas"]["learned"] == len(TASKS) * sum(1 for p in standard.base().parameters())
+    assert rows["isotropic"]["learned"] == len(TASKS)
+    low, high = rows["adamerging"]["coefficient_range"]
+    assert 0.0 <= low <= high <= 1.0
+    # Model selection keeps the best validation epoch (epoch 0 = the initial state competes).
+    for key in ("isotropic", "atlas", "atlas_lin"):
+        history = rows[key]["history"]
+        assert rows[key]["selection_acc"] == max(h["selection"] for h in history)
+
+    out = tmp_path / "run"
+    saved = json.loads((out / "addition.json").read_text())
+    assert [r["avg_acc"] for r in saved["rows"]] == [r["avg_acc"] for r in result["rows"]]
+    assert saved["config"]["sizes"]["alpha"]["select"] == 8
+    assert (out / "addition.md").read_text().startswith("Task addition over 3 tasks")
+    for name in ("addition_normalized.png", "addition_atlas_coefficients.png", "addition_atlas_lin_coefficients.png"):
+        assert (out / name).stat().st_size > 1000
+    composer = Composer(standard.base(), standard.vectors(TASKS), "block")
+    composer.load_coefficients(out / "addition_atlas_coefficients.safetensors")
+
+    # Seeds reproduce: a fresh run (no resume) in another directory gives the same numbers...
+    again = run_addition(small(tmp_path / "again", methods=("ties", "adamerging", "atlas")), bank=standard,
+                         linear_bank=linear, tasks=TASKS)
+    for row in again["rows"]:
+        assert row["test_acc"] == rows[row["key"]]["test_acc"]
+
+    # ...and a rerun in the same directory reuses the finished records without training.
+    monkeypatch.setattr(addition, "fit", lambda *a, **k: pytest.fail("a finished method was retrained"))
+    resumed = run_addition(config, bank=standard, linear_bank=linear, tasks=TASKS)
+    assert [r["test_acc"] for r in resumed["rows"]] == [r["test_acc"] for r in result["rows"]]
+
+
+def test_addition_rejects_bad_settings(banks, tmp_path):
+    standard, _ = banks
+    with pytest.raises(ValueError, match="methods"):
+        run_addition(small(tmp_path, methods=("nope",)), bank=standard, tasks=TASKS)
+    with pytest.raises(ValueError, match="at least two"):
+        run_addition(small(tmp_path), bank=standard, tasks=("alpha",))
