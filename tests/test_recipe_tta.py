@@ -83,6 +83,10 @@ def test_every_run_is_recorded_and_written(result, bank):
             assert r["adaptation_inputs"] == len(task.test)
             assert r["detail"]["best_epoch"] == 2  # fixed epochs: the last one is kept
             assert len(r["detail"]["losses"]) == 2
+    optimizers = {r["tuned"]: r["detail"]["optimizer"] for r in records}
+    assert optimizers == {"atlas": "AdamW(lr=0.01)", "norm": "SGD(lr=0.00025, momentum=0.9)"}
+    for r in records:
+        assert 1 <= r["spread"]["classes_predicted"] <= r["classes"] == 4
     trainable = {r["tuned"]: r["detail"]["trainable"] for r in records}
     bn = sum(m.weight.numel() + m.bias.numel() for m in base.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert trainable["norm"] == bn
@@ -98,6 +102,7 @@ def test_every_run_is_recorded_and_written(result, bank):
     table = Path(files["markdown"]).read_text()
     assert table.startswith("Test-time adaptation") and "Subset of targets" in table
     assert "| aTLAS (block) + UFM |" in table and "| BN affine + Tent |" in table and "| pre-trained |" in table
+    assert "collapse check" in table
     assert Path(files["plot"]).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -161,6 +166,14 @@ def test_ufm_batches_mix_the_two_streams():
     plain = unlabelled_loader(images[:33], 16, NORM, 8)
     sizes = [len(x) for x in plain.epoch(torch.Generator().manual_seed(0))]
     assert sizes == [8, 8, 8, 9] and len(plain) == 4  # a trailing single input joins the last batch
+
+
+def test_prediction_spread_sees_collapse_without_labels():
+    collapsed = torch.tensor([[4.0, 0.0, 0.0]] * 6)
+    balanced = torch.eye(3).repeat(2, 1) * 4.0
+    assert tta.prediction_spread(collapsed)["classes_predicted"] == 1
+    assert tta.prediction_spread(collapsed)["marginal_entropy"] < 0.3
+    assert tta.prediction_spread(balanced) == {"classes_predicted": 3, "marginal_entropy": pytest.approx(1.0)}
 
 
 def test_bad_requests_fail_clearly(bank, tmp_path):
