@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -43,6 +44,7 @@ class BankConfig:
     backbone: str = "mobilenet_v2"
     resolution: int = 48
     epochs: int = 2
+    min_steps: int = 150  # small tasks get more epochs: at least this many optimiser steps per task
     lr: float = 1e-4
     weight_decay: float = 0.0
     batch_size: int = 64
@@ -150,12 +152,14 @@ class Bank:
             model.requires_grad_(True)
         directory = self.entry(task_name)
         directory.mkdir(parents=True, exist_ok=True)
+        loader = _loader(task, cfg.resolution, cfg.batch_size, norm)
+        epochs = max(cfg.epochs, math.ceil(cfg.min_steps / len(loader)))
         result = fit(
             model,
             _head_loss(head),
-            _loader(task, cfg.resolution, cfg.batch_size, norm),
+            loader,
             TrainConfig(
-                epochs=cfg.epochs,
+                epochs=epochs,
                 lr=cfg.lr,
                 weight_decay=cfg.weight_decay,
                 seed=cfg.seed,
@@ -188,7 +192,8 @@ class Bank:
             "finetuned_val_acc": result.best_metric,
             "finetuned_test_acc": finetuned_test,
             "best_epoch": result.best_epoch,
-            "epochs": cfg.epochs,
+            "epochs": epochs,
+            "steps": epochs * len(loader),
             "vector_norm": vector.norm(),
             "seconds": time.perf_counter() - started,
         }
