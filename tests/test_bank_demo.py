@@ -17,7 +17,9 @@ from taskvec.recipes.demo import DemoConfig, run_demo
 from taskvec.vectors import TaskVector
 
 TASKS = ("alpha", "beta", "gamma")
-CONFIG = BankConfig(backbone="tiny_cnn", resolution=16, epochs=2, lr=3e-3, batch_size=16, pretrained=False)
+CONFIG = BankConfig(
+    backbone="tiny_cnn", resolution=16, epochs=2, min_steps=0, lr=3e-3, batch_size=16, pretrained=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,7 @@ def test_demo_end_to_end(bank, tmp_path, monkeypatch):
 
     monkeypatch.setattr(common, "accuracy", spy)
     config = DemoConfig(
-        target="gamma", shots=8, schedule=CoefficientSchedule(epochs=2, batch_size=8), out=tmp_path, progress=False
+        target="gamma", shots=4, schedule=CoefficientSchedule(epochs=2, batch_size=8), out=tmp_path, progress=False
     )
     result = run_demo(config, bank=bank, tasks=TASKS)
     methods = [row["method"] for row in result["rows"]]

@@ -121,6 +121,16 @@ def bank_and_norm(bank: Bank) -> tuple[nn.Module, dict, int]:
     return base.eval(), {"mean": spec.mean, "std": spec.std}, bank.config.resolution
 
 
+def few_shot_pool(task) -> ImageSet:
+    """Where a target's k shots come from: its validation split.
+
+    The target's head was fitted on its training split, so shots drawn from there would be images the
+    head has already memorised (their loss near zero, their accuracy inflated). The validation split is
+    unseen by the head, and, with the target held out of the bank, by every task vector.
+    """
+    return task.val
+
+
 def few_shot_split(train: ImageSet, k: int, seed: int) -> tuple[ImageSet, ImageSet | None]:
     """k labelled images per class, split into a training part and a selection part.
 

@@ -19,6 +19,7 @@ from taskvec.recipes.common import (
     DEFAULT_RESULTS,
     CoefficientSchedule,
     bank_and_norm,
+    few_shot_pool,
     few_shot_split,
     learn_supervised,
     task_arithmetic_search,
@@ -49,7 +50,7 @@ def run_demo(config: DemoConfig | None = None, *, bank: Bank | None = None, task
     head = bank.head(config.target)
     sources = [name for name in tasks if name != config.target]
     vectors = bank.vectors(sources)
-    train, val = few_shot_split(task.train, config.shots, config.seed)
+    train, val = few_shot_split(few_shot_pool(task), config.shots, config.seed)
 
     def test_acc(model) -> float:
         return accuracy(model, head, task.test, resolution, **norm)
