@@ -32,7 +32,7 @@ class CoefficientSchedule:
     epochs: int = 10
     lr: float = 0.1
     batch_size: int = 32
-    min_steps_per_epoch: int = 4
+    min_steps_per_epoch: int = 10  # small shot sets are repeated, as aTLAS oversamples to >= 10 batches
     weight_decay: float = 0.0
     augmentation: str = "weak"
     seed: int = 0
