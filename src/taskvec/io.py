@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -87,52 +88,42 @@ def load_state_dict(path: PathLike, *, allow_pickle: bool = False) -> dict[str, 
     return _unwrap(obj, file)
 
 
+@contextmanager
+def _atomic_target(path: PathLike) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, else remove it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def atomic_save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write tensors to ``path`` through a temporary file and a rename, so no reader sees half a file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     payload = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with _atomic_target(path) as tmp:
         save_file(payload, tmp, metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return Path(path)
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
     """Write a text file through a temporary file and a rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    with _atomic_target(path) as tmp:
+        Path(tmp).write_text(text)
+    return Path(path)
 
 
 def atomic_save_torch(obj: object, path: PathLike) -> Path:
     """``torch.save`` through a temporary file and a rename (training checkpoints)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with _atomic_target(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return Path(path)
 
 
 def write_json(path: PathLike, data: object) -> Path:
