@@ -492,7 +492,7 @@ def plot_changes(summary: Sequence[dict], targets: Sequence[str], path: Path) ->
     axis.set_ylabel("accuracy change (pp)")
     axis.set_title("Test-time adaptation: change from the pre-trained model")
     axis.grid(axis="y", alpha=0.3)
-    axis.legend(fontsize=7, ncol=2)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     try:
         return _save_figure(figure, Path(path))
     finally:
