@@ -14,7 +14,13 @@ from taskvec.variational.model import (
     elbo_loss,
     load_inference_network,
 )
-from taskvec.variational.persample import LinearRunner, UnsupportedModuleError, VmapRunner, make_runner
+from taskvec.variational.persample import (
+    DEFAULT_METHOD,
+    LinearRunner,
+    UnsupportedModuleError,
+    VmapRunner,
+    make_runner,
+)
 from taskvec.variational.plot import plot_kept_fraction
 from taskvec.variational.prior import (
     SpikeSlab,
@@ -27,6 +33,7 @@ from taskvec.variational.prior import (
 )
 
 __all__ = [
+    "DEFAULT_METHOD",
     "ELBOLoss",
     "InferenceConfig",
     "InferenceNetwork",
