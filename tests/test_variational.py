@@ -340,3 +340,13 @@ def test_sampling_in_training_mode_is_stochastic(base, bank, images):
     model = _model(base, bank, "vmap").train()
     assert not torch.equal(model(images), model(images))
     assert torch.equal(model(images, sample=False), model.eval()(images))
+
+
+def test_vmap_runner_handles_linearised_composer_linear_runner_refuses(base, bank, images):
+    composer = Composer(base, bank, "block", linearized=True)
+    generator = torch.Generator().manual_seed(3)
+    coefficients = torch.randn(images.shape[0], 3, composer.layout.num_columns, generator=generator)
+    expected = _loop(composer, images, coefficients)
+    assert torch.allclose(VmapRunner(composer)(images, coefficients), expected, atol=1e-5)
+    with pytest.raises(UnsupportedModuleError, match=r"linearised one \(linearized=True\)"):
+        LinearRunner(composer)
