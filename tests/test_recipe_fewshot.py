@@ -171,7 +171,7 @@ def test_seeds_reproduce_and_test_labels_never_steer_anything(bank, result, tmp_
 
 def test_training_and_selection_see_only_the_k_shot_data(bank, tmp_path, monkeypatch):
     """Every split a method trains on or is scored on before the end is drawn from the target's
-    training split and holds at most k images per class."""
+    validation split (its head was fitted on the training split) and holds at most k images per class."""
     seen: list[tuple[str, object]] = []
     real_score, real_loader, real_select = fewshot.score, fewshot.image_loader, fewshot.selection_metric
 
@@ -193,7 +193,7 @@ def test_training_and_selection_see_only_the_k_shot_data(bank, tmp_path, monkeyp
     run_fewshot(small_config(tmp_path, targets=("gamma",), shots=(4,), seeds=(0,), ood=False), bank=bank, tasks=TASKS)
 
     task = synthetic.loader("gamma", seed=CONFIG.seed)
-    train_rows = {bytes(image.numpy()) for image in task.train.images}
+    pool_rows = {bytes(image.numpy()) for image in task.val.images}
     test_rows = {bytes(image.numpy()) for image in task.test.images}
     kinds = {"train": 0, "select": 0, "score": 0, "test": 0}
     for kind, split in seen:
@@ -202,7 +202,7 @@ def test_training_and_selection_see_only_the_k_shot_data(bank, tmp_path, monkeyp
             kinds["test"] += 1  # the final evaluation
             continue
         kinds[kind] += 1
-        assert rows <= train_rows, f"{kind}: a split not drawn from the training split"
+        assert rows <= pool_rows, f"{kind}: a split not drawn from the validation split"
         assert torch.all(split.class_counts(4) <= 4), f"{kind}: more than k images of a class"
     assert kinds["train"] >= 2 and kinds["select"] >= 1 and kinds["score"] >= 1
     assert kinds["test"] == len(METHODS)

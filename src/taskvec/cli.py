@@ -203,13 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="the paper's experiments as recipes (tables, JSON, plots)")
     recipes = run.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
     for name in RECIPES:
-        try:
-            module = import_module(f"taskvec.recipes.{name}")
-        except ModuleNotFoundError as err:  # a recipe still being written
-            if err.name != f"taskvec.recipes.{name}":
-                raise
-            continue
-        module.register_cli(recipes)
+        import_module(f"taskvec.recipes.{name}").register_cli(recipes)
     return parser
 
 

@@ -284,7 +284,7 @@ class AdditionConfig:
     progress: bool = True
 
 
-class _Context:
+class AdditionContext:
     """What every method needs: base, norm, heads, data parts, fine-tuned accuracies of one bank."""
 
     def __init__(self, bank: Bank, tasks: Sequence[str], config: AdditionConfig) -> None:
@@ -317,7 +317,9 @@ class _Context:
         return self.bank.vectors(self.tasks)
 
 
-def _train(composer: nn.Module, ctx: _Context, config: AdditionConfig, label: str, checkpoint: Path) -> TrainResult:
+def _train(
+    composer: nn.Module, ctx: AdditionContext, config: AdditionConfig, label: str, checkpoint: Path
+) -> TrainResult:
     loader = mixed_loader([ctx.fit[t] for t in ctx.tasks], config.batch_per_task, ctx.resolution, ctx.norm,
                           augmentation=config.augmentation)
     trained = fit(
@@ -333,7 +335,7 @@ def _train(composer: nn.Module, ctx: _Context, config: AdditionConfig, label: st
     return trained
 
 
-def _adamerging(ctx: _Context, config: AdditionConfig, checkpoint: Path) -> tuple[Composer, dict]:
+def _adamerging(ctx: AdditionContext, config: AdditionConfig, checkpoint: Path) -> tuple[Composer, dict]:
     composer = Composer(ctx.base, ctx.vectors(), "block", init=config.adamerging_init)
     model: nn.Module = composer
     if config.adamerging_clamp is not None:
@@ -359,7 +361,7 @@ def _adamerging(ctx: _Context, config: AdditionConfig, checkpoint: Path) -> tupl
                       "coefficient_range": [float(coefficients.min()), float(coefficients.max())]}
 
 
-def _row(method: str, ctx: _Context, test: dict[str, float], selection: float, seconds: float, **extra) -> dict:
+def _row(method: str, ctx: AdditionContext, test: dict[str, float], selection: float, seconds: float, **extra) -> dict:
     normalized = {t: test[t] / ctx.finetuned[t] for t in ctx.tasks}
     row = {
         "key": method,
@@ -416,8 +418,8 @@ def run_addition(
     settings = {k: v for k, v in asdict(config).items() if k not in ("methods", "out", "resume", "progress")}
     records = Records(out / "addition_records.json", fingerprint({**settings, "tasks": tasks}, banks, tasks),
                       config.resume)
-    ctx = _Context(bank, tasks, config)
-    lin_ctx = _Context(linear_bank, tasks, config) if len(banks) > 1 else None
+    ctx = AdditionContext(bank, tasks, config)
+    lin_ctx = AdditionContext(linear_bank, tasks, config) if len(banks) > 1 else None
     composers: dict[str, Composer] = {}
 
     bar = tqdm(config.methods, desc="task addition", disable=not config.progress)

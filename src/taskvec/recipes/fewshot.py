@@ -2,11 +2,13 @@
 
 For each target task t the bank is the other tasks' vectors (leave-one-out), and t's frozen head
 comes from the bank (it plays CLIP's zero-shot head). For each k and seed, ``few_shot_split`` draws k
-labelled images per class and holds out a quarter of them (k >= 2) for model selection; every method
-trains on the same training shots and selects on the same selection shots, and nothing ever looks at
-the target's val or test labels before the final evaluation. Selection is by accuracy on the selection
-shots with ties broken by their cross-entropy (:func:`selection_metric`). With k = 1 there is no
-selection split: fixed epochs (the last is kept) and fixed default hyper-parameters.
+labelled images per class from t's validation split (``few_shot_pool``: the head was fitted on the
+training split, so those images are not few-shot data) and holds out a quarter of them (k >= 2) for
+model selection; every method trains on the same training shots and selects on the same selection
+shots, and nothing ever looks at the target's other labels before the final evaluation. Selection is
+by accuracy on the selection shots with ties broken by their cross-entropy (:func:`selection_metric`).
+With k = 1 there is no selection split: fixed epochs (the last is kept) and fixed default
+hyper-parameters.
 
 Methods (keys for ``--methods``):
 
@@ -62,6 +64,7 @@ from taskvec.recipes.common import (
     DEFAULT_RESULTS,
     CoefficientSchedule,
     bank_and_norm,
+    few_shot_pool,
     few_shot_split,
     image_loader,
 )
@@ -299,7 +302,7 @@ def _finetune(
     return model.eval(), selection, detail
 
 
-def _atlas(
+def learn_atlas(
     base: nn.Module, vectors: Sequence, head: nn.Module, train: ImageSet, val: ImageSet | None, resolution: int,
     norm: dict, config: FewShotConfig, seed: int, label: str = "aTLAS",
 ) -> tuple[nn.Module, float | None, dict]:
@@ -320,7 +323,7 @@ def run_job(
     resolution: int, norm: dict, config: FewShotConfig, test_pretrained: Tensor,
 ) -> list[dict]:
     """All requested methods for one (target, k, seed): one record per method."""
-    train, val = few_shot_split(task.train, k, seed)
+    train, val = few_shot_split(few_shot_pool(task), k, seed)
     classes = task.num_classes
     records: list[dict] = []
 
@@ -353,7 +356,7 @@ def run_job(
 
     if any(m in methods for m in ATLAS_FAMILY):
         (merged, selection, detail), seconds = _timed(
-            lambda: _atlas(base, vectors, head, train, val, resolution, norm, config, seed))
+            lambda: learn_atlas(base, vectors, head, train, val, resolution, norm, config, seed))
         test_merged = features(merged, task.test, resolution, **norm)
         if "atlas" in methods:
             record("atlas", head(test_merged), selection, seconds, detail)
@@ -395,9 +398,9 @@ def run_ood(
     records = []
     for k in config.ood_shots:
         for seed in config.seeds:
-            train, val = few_shot_split(task_s.train, k, seed)
+            train, val = few_shot_split(few_shot_pool(task_s), k, seed)
             (merged, selection, detail), seconds = _timed(
-                lambda train=train, val=val, seed=seed: _atlas(
+                lambda train=train, val=val, seed=seed: learn_atlas(
                     base, vectors, head, train, val, resolution, norm, config, seed, label="aTLAS (OOD)"))
             with torch.no_grad():
                 atlas_s = head(features(merged, task_s.test, resolution, **norm))

@@ -9,6 +9,7 @@ composition runs without one model per sample, by vmap or by linearity (see :mod
 from taskvec.variational.inference import InferenceConfig, InferenceNetwork
 from taskvec.variational.model import (
     ELBOLoss,
+    MultitaskELBOLoss,
     VariationalComposer,
     VariationalConfig,
     elbo_loss,
@@ -38,6 +39,7 @@ __all__ = [
     "InferenceConfig",
     "InferenceNetwork",
     "LinearRunner",
+    "MultitaskELBOLoss",
     "SpikeSlab",
     "UnsupportedModuleError",
     "VariationalComposer",

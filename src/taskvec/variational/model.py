@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -411,16 +411,27 @@ class ELBOLoss:
         return kl_warmup(self.step, self.kl_warmup_steps)
 
     def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        x, y, features = _unpack(batch)
+        return self._negative_elbo(model, x, features, [(y, self.head)])
+
+    def _negative_elbo(
+        self, model: nn.Module, x: Tensor, features: Tensor | None, parts: Sequence[tuple[Tensor, Head | None]]
+    ) -> Tensor:
+        """``parts`` cut the batch in order: (labels, head) per consecutive slice of ``x``; their
+        cross-entropies add up (aTLAS's multi-task sum), the KL is averaged over all samples."""
         if not isinstance(model, VariationalComposer):
             raise TypeError(f"the ELBO objective needs a VariationalComposer, got {type(model).__name__}")
-        x, y, features = _unpack(batch)
         if features is None:
             features = model.features(x)
+        labels = [y for y, _ in parts]
         if self.samples > 1:
-            x, y, features = (t.repeat_interleave(self.samples, 0) for t in (x, y, features))
+            x, features = (t.repeat_interleave(self.samples, 0) for t in (x, features))
+            labels = [y.repeat_interleave(self.samples, 0) for y in labels]
         output, posterior = model.forward_with_posterior(x, features, sample=True)
-        logits = self.head(output) if self.head is not None else output
-        nll = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        nll = output.new_zeros(())
+        for piece, y, (_, head) in zip(output.split([len(y) for y in labels]), labels, parts, strict=True):
+            logits = head(piece) if head is not None else piece
+            nll = nll + F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         kl = spike_slab_kl(*posterior, model.config.prior_pi, model.config.prior_std).flatten(1).sum(1).mean()
         scale = self.kl_weight / (self.num_train if self.kl_normalizer == "dataset" else 1)
         beta = self.beta()
@@ -429,6 +440,34 @@ class ELBOLoss:
         if model.training:
             self.step += 1
         return loss
+
+
+class MultitaskELBOLoss(ELBOLoss):
+    """The ELBO over a batch of several tasks, each through its own frozen head.
+
+    Batches are lists with one ``(x, y)`` part per task, in the order of ``heads`` (what
+    :func:`taskvec.recipes.addition.mixed_loader` yields). All parts go through the variational
+    composer as one batch; the cross-entropies add up over tasks as in aTLAS's multi-task objective,
+    and ``num_train`` is the number of training images over all tasks.
+    """
+
+    def __init__(self, heads: Sequence[Head], num_train: int, kl_warmup_steps: int, **options: Any) -> None:
+        super().__init__(None, num_train, kl_warmup_steps, **options)
+        if not heads:
+            raise ValueError("MultitaskELBOLoss needs at least one head")
+        self.heads = list(heads)
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        if not isinstance(batch, list | tuple) or len(batch) != len(self.heads):
+            got = f"{len(batch)} parts" if isinstance(batch, list | tuple) else type(batch).__name__
+            raise ValueError(f"multi-task ELBO batch must be one (x, y) part per head ({len(self.heads)}); got {got}")
+        unpacked = [_unpack(part) for part in batch]
+        x = torch.cat([part[0] for part in unpacked])
+        features = None
+        if all(part[2] is not None for part in unpacked):
+            features = torch.cat([part[2] for part in unpacked])
+        return self._negative_elbo(model, x, features, [(part[1], head) for part, head in
+                                                         zip(unpacked, self.heads, strict=True)])
 
 
 def elbo_loss(
