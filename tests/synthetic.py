@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from taskvec.bank import Bank
 from taskvec.data import ImageSet, Task
 
 CLASSES = 4
@@ -29,3 +30,18 @@ def make_task(name: str, *, seed: int = 0, train: int = 48, val: int = 24, test:
 
 def loader(name: str, *, seed: int = 0) -> Task:
     return make_task(name, seed=seed)
+
+
+def relabelled_loader(name: str, *, seed: int = 0) -> Task:
+    """The same tasks with every *test* label shifted by one class: a recipe whose selection or
+    training read test labels would behave differently on it."""
+    task = make_task(name, seed=seed)
+    task.test.labels = (task.test.labels + 1) % len(task.classes)
+    return task
+
+
+def built_bank(config, root, tasks) -> Bank:
+    """A bank of synthetic tasks under ``root``, built (or reused when already built)."""
+    bank = Bank(config, root=root, loader=loader)
+    bank.build(tasks, progress=False)
+    return bank

@@ -24,9 +24,7 @@ CONFIG = BankConfig(
 
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory) -> Bank:
-    bank = Bank(CONFIG, root=tmp_path_factory.mktemp("bank"), loader=synthetic.loader)
-    bank.build(TASKS, progress=False)
-    return bank
+    return synthetic.built_bank(CONFIG, tmp_path_factory.mktemp("bank"), TASKS)
 
 
 def test_bank_round_trip(bank):

@@ -12,7 +12,7 @@ import torch
 
 import taskvec.recipes.fewshot as fewshot
 from taskvec.bank import Bank, BankConfig
-from taskvec.data import ImageSet, Task
+from taskvec.data import ImageSet
 from taskvec.recipes.common import CoefficientSchedule
 from taskvec.recipes.fewshot import METHODS, FewShotConfig, mean_se, run_fewshot, summarize
 
@@ -32,9 +32,7 @@ def small_config(out, **overrides) -> FewShotConfig:
 
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory) -> Bank:
-    bank = Bank(CONFIG, root=tmp_path_factory.mktemp("bank"), loader=synthetic.loader)
-    bank.build(TASKS, progress=False)
-    return bank
+    return synthetic.built_bank(CONFIG, tmp_path_factory.mktemp("bank"), TASKS)
 
 
 @pytest.fixture(scope="module")
@@ -154,12 +152,7 @@ def test_seeds_reproduce_and_test_labels_never_steer_anything(bank, result, tmp_
         (_key(r), r["test_acc"], r["selection_acc"]) for r in result["records"] if (r["target"], r["k"]) == ("gamma", 4)
     ]
 
-    def relabelled(name: str, *, seed: int = 0) -> Task:
-        task = synthetic.loader(name, seed=seed)
-        task.test.labels = (task.test.labels + 1) % len(task.classes)
-        return task
-
-    poisoned_bank = Bank(CONFIG, root=bank.root, loader=relabelled)
+    poisoned_bank = Bank(CONFIG, root=bank.root, loader=synthetic.relabelled_loader)
     poisoned = run_fewshot(small_config(tmp_path / "poisoned"), bank=poisoned_bank, tasks=TASKS)
     steering = [(_key(r), r["selection_acc"], json.dumps(r["detail"], sort_keys=True)) for r in poisoned["records"]]
     assert steering == [(_key(r), r["selection_acc"], json.dumps(r["detail"], sort_keys=True))

@@ -32,9 +32,7 @@ def small_config(out, **overrides) -> TTAConfig:
 
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory) -> Bank:
-    bank = Bank(CONFIG, root=tmp_path_factory.mktemp("bank"), loader=synthetic.loader)
-    bank.build(TASKS, progress=False)
-    return bank
+    return synthetic.built_bank(CONFIG, tmp_path_factory.mktemp("bank"), TASKS)
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +123,8 @@ def test_labels_are_read_only_by_the_final_evaluation(bank, tmp_path, selection)
     runs = len(TUNED) * len(OBJECTIVES)
     assert GuardedLabels.reads == ["score"] * (1 + runs)
 
-    def relabelled(name: str, *, seed: int = 0) -> Task:
-        task = synthetic.loader(name, seed=seed)
-        task.test.labels = (task.test.labels + 1) % len(task.classes)
-        return task
-
     config = small_config(tmp_path / "poisoned", targets=("gamma",), seeds=(0,), selection=selection)
-    poisoned = run_tta(config, bank=Bank(CONFIG, root=bank.root, loader=relabelled), tasks=TASKS)
+    poisoned = run_tta(config, bank=Bank(CONFIG, root=bank.root, loader=synthetic.relabelled_loader), tasks=TASKS)
     assert _steering(poisoned["records"]) == _steering(clean["records"])
     assert poisoned["pretrained"]["gamma"] != clean["pretrained"]["gamma"]
 

@@ -12,7 +12,6 @@ import torch
 
 from taskvec.bank import Bank, BankConfig
 from taskvec.compose import Composer
-from taskvec.data import Task
 from taskvec.recipes.addition import AdditionConfig
 from taskvec.recipes.common import CoefficientSchedule
 from taskvec.recipes.variational import VariationalRecipeConfig, run_variational
@@ -36,9 +35,7 @@ def small(out, **changes) -> VariationalRecipeConfig:
 
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory) -> Bank:
-    bank = Bank(CONFIG, root=tmp_path_factory.mktemp("bank"), loader=synthetic.loader)
-    bank.build(TASKS, progress=False)
-    return bank
+    return synthetic.built_bank(CONFIG, tmp_path_factory.mktemp("bank"), TASKS)
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +77,8 @@ def test_seeds_reproduce_and_test_labels_never_steer_anything(bank, result, tmp_
     """Same seeds: identical numbers. Test labels permuted: identical selection and epochs (so test labels
     never reached training or selection); only test accuracies move."""
 
-    def relabelled(name: str, *, seed: int = 0) -> Task:
-        task = synthetic.loader(name, seed=seed)
-        task.test.labels = (task.test.labels + 1) % len(task.classes)
-        return task
-
     poisoned = run_variational(small(tmp_path / "poisoned"),
-                               bank=Bank(CONFIG, root=bank.root, loader=relabelled))
+                               bank=Bank(CONFIG, root=bank.root, loader=synthetic.relabelled_loader))
     again = run_variational(small(tmp_path / "again"), bank=bank)
 
     def steering(payload):
