@@ -146,3 +146,23 @@ def test_demo_end_to_end(bank, tmp_path, monkeypatch):
     # Seeds reproduce: a second run gives the same table.
     again = run_demo(config, bank=bank, tasks=TASKS)
     assert [r["test_acc"] for r in again["rows"]] == [r["test_acc"] for r in result["rows"]]
+
+
+def test_demo_with_another_tasks_head(bank, tmp_path, monkeypatch):
+    """head_from: the target is scored through a donor head over the same classes; other classes refused."""
+    config = DemoConfig(target="gamma", shots=4, head_from="alpha", out=tmp_path, progress=False,
+                        schedule=CoefficientSchedule(epochs=1, batch_size=8))
+    result = run_demo(config, bank=bank, tasks=TASKS)
+    first = result["rows"][0]
+    assert first["method"] == "pre-trained + head of alpha"
+    target = synthetic.loader("gamma", seed=CONFIG.seed)
+    norm = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    expected = accuracy(bank.base(), bank.head("alpha"), target.test, CONFIG.resolution, **norm)
+    assert first["test_acc"] == pytest.approx(expected, abs=1e-6)
+    assert result["bank"]["sources"] == ["alpha", "beta"]  # the donor's vector stays; the target's does not
+
+    real_meta = bank.meta
+    monkeypatch.setattr(bank, "meta", lambda t: {**real_meta(t), "classes": ["x"] * 4} if t == "alpha" else
+                        real_meta(t))
+    with pytest.raises(ValueError, match="head_from='alpha' has classes"):
+        run_demo(config, bank=bank, tasks=TASKS)
