@@ -13,7 +13,7 @@ from taskvec.compose import Composer
 from taskvec.evaluate import accuracy
 from taskvec.heads import LinearHead
 from taskvec.recipes.common import CoefficientSchedule, few_shot_split
-from taskvec.recipes.demo import DemoConfig, run_demo
+from taskvec.recipes.demo import DemoConfig, resolve_head, run_demo
 from taskvec.vectors import TaskVector
 
 TASKS = ("alpha", "beta", "gamma")
@@ -166,3 +166,10 @@ def test_demo_with_another_tasks_head(bank, tmp_path, monkeypatch):
                         real_meta(t))
     with pytest.raises(ValueError, match="head_from='alpha' has classes"):
         run_demo(config, bank=bank, tasks=TASKS)
+
+
+def test_head_choice_for_the_demo():
+    assert resolve_head("emoji_twitter", "auto") == "emoji_google"  # the same nine classes, another style
+    assert resolve_head("digits", "auto") == "digits"  # no partner: the target's own head
+    assert resolve_head("emoji_twitter", "own") == "emoji_twitter"
+    assert resolve_head("gamma", "alpha") == "alpha"

@@ -196,9 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target", default="emoji_twitter", help="held-out target task (default: %(default)s)")
     demo.add_argument("--shots", type=int, default=16, help="labelled images per class (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="few-shot sampling and training seed")
-    demo.add_argument("--head-from", default=None, metavar="TASK",
-                      help="use another bank task's head with the same classes (e.g. emoji_google for "
-                           "emoji_twitter): a head that never saw a target label")
+    demo.add_argument("--head-from", default="auto", metavar="TASK",
+                      help="whose head scores the target: 'auto' (default: a same-class partner's head when the bank "
+                           "has one, e.g. emoji_google's for emoji_twitter, a head that never saw a target label), "
+                           "'own' (the target's head, fitted on its full training split), or a task name")
     demo.add_argument("--epochs", type=int, default=10, help="coefficient-training epochs (default: %(default)s)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="results directory (default: %(default)s)")
     demo.set_defaults(run=_demo)
