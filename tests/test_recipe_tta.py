@@ -187,8 +187,10 @@ def test_cli_options(monkeypatch):
 
     monkeypatch.setattr(tta, "run_tta", fake)
     args = build_parser().parse_args(["run", "tta", "--targets", "digits", "--objectives", "tent", "ufm",
-                                      "--tuned", "atlas", "--epochs", "3", "--selection", "objective", "--quiet"])
+                                      "--tuned", "atlas", "--epochs", "3", "--selection", "objective", "--quiet",
+                                      "--ufm-threshold", "0.9", "--trusted-k", "7"])
     assert args.run(args) == 0
     config = captured["config"]
     assert (config.targets, config.objectives, config.tuned) == (("digits",), ("tent", "ufm"), ("atlas",))
     assert config.epochs == 3 and config.selection == "objective" and not config.progress
+    assert (config.ufm_threshold, config.trusted_k) == (0.9, 7)

@@ -528,6 +528,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         help="last epoch, or lowest unlabelled objective (default: %(default)s)")
     add("--max-inputs", type=int, default=None, help="adapt on at most this many test inputs (default: all)")
     add("--simclr-projection", choices=("features", "head"), default=defaults.simclr_projection)
+    add("--ufm-threshold", type=float, default=defaults.ufm_threshold,
+        help="UFM: weak-view confidence above which an untrusted sample is pseudo-labelled (default: %(default)s)")
+    add("--trusted-k", type=int, default=None,
+        help="UFM: trusted samples per class (default: aTLAS's min(N / C / 10, 100))")
     add("--bank-root", type=Path, default=None, help="bank directory (default: the standard bank in the cache)")
     add("--out", type=Path, default=DEFAULT_RESULTS / "tta", help="results directory (default: %(default)s)")
     add("--no-resume", action="store_true", help="recompute runs already recorded under the same settings")
@@ -542,6 +546,7 @@ def _cli(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, atlas_lr=args.atlas_lr, norm_lr=args.norm_lr,
         norm_optimizer=args.norm_optimizer,
         selection=args.selection, max_inputs=args.max_inputs, simclr_projection=args.simclr_projection,
+        ufm_threshold=args.ufm_threshold, trusted_k=args.trusted_k,
         out=args.out, resume=not args.no_resume, progress=not args.quiet,
     )
     bank = Bank(config.bank, root=args.bank_root) if args.bank_root else None
