@@ -20,8 +20,6 @@ from taskvec.models import (
 )
 from taskvec.models.vit import attention
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-
 ALL = ["mobilenet_v2", "tiny_cnn", "tiny_vit", "vit_small"]
 # Inputs kept small: these tests check structure and maths, not accuracy.
 RES = {"mobilenet_v2": 32, "tiny_cnn": 16, "tiny_vit": 16, "vit_small": 32}
