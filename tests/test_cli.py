@@ -72,3 +72,24 @@ def test_bench_case_runs(mode):
     assert (row["vectors_mib"] > 0) == (mode == "compose")
     row.update(ratio=1.0, budget_mib=1.0, peak_above_start_mib=0.0)
     assert "tiny_cnn" in format_step_table([row])
+
+
+def test_bench_rounds_keep_each_case_fastest_round(monkeypatch):
+    from taskvec import bench
+
+    times = iter([100.0, 130.0, 90.0, 120.0, 80.0, 125.0])  # round 1: ft, n=2; round 2; round 3
+    peaks = iter([50.0, 70.0, 55.0, 60.0, 52.0, 65.0])
+
+    def fake(case):
+        return {"model": case.model, "mode": case.mode, "vectors": case.vectors, "storage": case.storage,
+                "step_ms": next(times), "base_mib": 1.0, "vectors_mib": 2.0 * case.vectors,
+                "rss_start_mib": 10.0, "rss_built_mib": 20.0, "rss_peak_mib": next(peaks)}
+
+    monkeypatch.setattr(bench, "run_isolated", fake)
+    finetune, compose = bench.step_table(["tiny_cnn"], [2], rounds=3, progress=False)
+    assert (finetune["step_ms"], compose["step_ms"]) == (80.0, 120.0)
+    assert compose["ratio"] == pytest.approx(1.5)
+    assert (finetune["rss_peak_mib"], compose["rss_peak_mib"]) == (55.0, 70.0)
+    assert compose["rounds"] == 3
+    with pytest.raises(ValueError, match="rounds"):
+        bench.step_table(["tiny_cnn"], [2], rounds=0, progress=False)

@@ -1,7 +1,9 @@
 """Speed and memory of one coefficient-training step against one plain fine-tuning step.
 
 Each configuration runs in a fresh subprocess, so its peak resident memory is its own. Time is the
-median over timed steps after warm-up, on the same batch and the same frozen head in both cases.
+median over timed steps after warm-up, on the same batch and the same frozen head in both cases. On a
+shared CPU one process can run 10% slower than the next for no reason of its own, so the whole set of
+cases is repeated for several interleaved rounds and each case keeps its best round.
 The fine-tuning step is what the bank builder does (AdamW on every parameter, normalisation
 statistics frozen); the coefficient step is what aTLAS does (AdamW on the coefficients only).
 """
@@ -133,9 +135,13 @@ def step_table(
     resolution: int = 32,
     storage: str = "fp32",
     steps: int = 8,
+    rounds: int = 3,
     progress: bool = True,
 ) -> list[dict[str, float | str | int]]:
-    """Rows of the step benchmark: one fine-tuning reference and one row per bank size per model."""
+    """Rows of the step benchmark: one fine-tuning reference and one row per bank size per model.
+
+    Every case runs once per round, rounds interleaved (so slow spells of the machine hit all cases
+    alike); a case's time is its fastest round's median and its memory its largest peak."""
     from tqdm.auto import tqdm
 
     cases = []
@@ -145,10 +151,21 @@ def step_table(
             StepCase(model, "compose", n, batch=batch, resolution=resolution, storage=storage, steps=steps)
             for n in vector_counts
         ]
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1; got {rounds}")
+    runs: list[list[dict]] = [[] for _ in cases]
+    with tqdm(total=rounds * len(cases), desc="bench step", disable=not progress) as bar:
+        for _ in range(rounds):
+            for i, case in enumerate(cases):
+                runs[i].append(run_isolated(case))
+                bar.update()
     rows = []
     reference: dict[str, dict] = {}
-    for case in tqdm(cases, desc="bench step", disable=not progress):
-        row = run_isolated(case)
+    for case, case_runs in zip(cases, runs, strict=True):
+        row = dict(min(case_runs, key=lambda r: r["step_ms"]))
+        row["rss_peak_mib"] = max(r["rss_peak_mib"] for r in case_runs)
+        row["rss_start_mib"] = min(r["rss_start_mib"] for r in case_runs)
+        row["rounds"] = len(case_runs)
         if case.mode == "finetune":
             reference[case.model] = row
         ref = reference[case.model]

@@ -125,7 +125,8 @@ def _bench_step(args: argparse.Namespace) -> int:
     from taskvec.bench import format_step_table, step_table
 
     rows = step_table(
-        args.models, args.vectors, batch=args.batch, resolution=args.resolution, storage=args.storage, steps=args.steps
+        args.models, args.vectors, batch=args.batch, resolution=args.resolution, storage=args.storage, steps=args.steps,
+        rounds=args.rounds,
     )
     print(format_step_table(rows))
     if args.json:
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--resolution", type=int, default=32)
     step.add_argument("--storage", choices=sorted(DTYPES), default="fp32", help="task vector storage dtype")
     step.add_argument("--steps", type=int, default=10, help="timed steps per case (median reported)")
+    step.add_argument("--rounds", type=int, default=3,
+                      help="interleaved repetitions of every case; each keeps its fastest (default: 3)")
     step.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     step.set_defaults(run=_bench_step)
 
