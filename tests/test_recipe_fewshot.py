@@ -233,9 +233,28 @@ def test_cli_options_size_the_run(monkeypatch):
     monkeypatch.setattr(fewshot, "run_fewshot", fake)
     args = build_parser().parse_args(
         ["run", "fewshot", "--targets", "all", "--shots", "2", "8", "--seeds", "3", "--methods", "probe", "atlas",
-         "--epochs", "5", "--no-ood", "--quiet"])
+         "--epochs", "5", "--no-ood", "--quiet", "--head-from", "auto"])
     assert args.run(args) == 0
     config = captured["config"]
     assert config.targets == ("mnist", "fashion_mnist", "animal_mnist", "digits", "emoji_google", "emoji_twitter")
     assert (config.shots, config.seeds, config.methods) == ((2, 8), (3,), ("probe", "atlas"))
+    assert config.head_from == "auto"
     assert config.schedule.epochs == 5 and not config.ood and not config.progress
+
+
+def test_borrowed_head_scores_the_target_and_keys_its_own_records(bank, tmp_path):
+    from taskvec.evaluate import accuracy
+
+    config = small_config(tmp_path, targets=("gamma",), shots=(4,), seeds=(0,), methods=("pretrained", "tip"),
+                          ood=False, head_from="alpha")
+    result = run_fewshot(config, bank=bank, tasks=TASKS)
+    pretrained = next(r for r in result["records"] if r["method"] == "pretrained")
+    target = synthetic.loader("gamma", seed=CONFIG.seed)
+    norm = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    expected = accuracy(bank.base(), bank.head("alpha"), target.test, CONFIG.resolution, **norm)
+    assert pretrained["test_acc"] == pytest.approx(expected, abs=1e-6)
+    assert "gamma scored by alpha's" in result["table"]
+    own = small_config(tmp_path, head_from="own")
+    assert fewshot._fingerprint(config, bank) != fewshot._fingerprint(own, bank)  # never mixed on resume
+    with pytest.raises(ValueError, match="not bank tasks"):
+        run_fewshot(small_config(tmp_path, head_from="delta"), bank=bank, tasks=TASKS)

@@ -121,6 +121,34 @@ def bank_and_norm(bank: Bank) -> tuple[nn.Module, dict, int]:
     return base.eval(), {"mean": spec.mean, "std": spec.std}, bank.config.resolution
 
 
+# Same classes, another style: a partner's head scores a target without having seen its labels.
+HEAD_PARTNERS = {"emoji_twitter": "emoji_google", "emoji_google": "emoji_twitter"}
+
+
+def resolve_head(target: str, head_from: str) -> str:
+    """The bank task whose head scores ``target``: ``"auto"`` (the partner in :data:`HEAD_PARTNERS`,
+    else the target), ``"own"`` (the target), or a task name.
+
+    Why it matters: a target's own head is fitted on its whole training split, a full-data linear probe
+    that a few shots per class can hardly improve; CLIP's zero-shot head, whose role the heads play,
+    never saw a target label. (The MNIST and Digits heads share classes but do not transfer: 15-17%.)
+    """
+    if head_from == "auto":
+        return HEAD_PARTNERS.get(target, target)
+    return target if head_from == "own" else head_from
+
+
+def scoring_head(bank: Bank, target: str, head_from: str) -> tuple[str, nn.Module]:
+    """``(task, frozen head)`` that scores ``target`` (:func:`resolve_head`); a borrowed head must have
+    the target's classes, in the same order."""
+    head_task = resolve_head(target, head_from)
+    if head_task != target:
+        donor, own = bank.meta(head_task)["classes"], bank.meta(target)["classes"]
+        if donor != own:
+            raise ValueError(f"head_from={head_task!r} has classes {donor}, but {target!r} has {own}")
+    return head_task, bank.head(head_task).freeze()
+
+
 def few_shot_pool(task) -> ImageSet:
     """Where a target's k shots come from: its validation split.
 

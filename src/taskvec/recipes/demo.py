@@ -30,18 +30,11 @@ from taskvec.recipes.common import (
     few_shot_pool,
     few_shot_split,
     learn_supervised,
+    resolve_head,
+    scoring_head,
     task_arithmetic_search,
 )
 from taskvec.report import markdown_table, plot_coefficients, write_results
-
-HEAD_PARTNERS = {"emoji_twitter": "emoji_google", "emoji_google": "emoji_twitter"}
-
-
-def resolve_head(target: str, head_from: str) -> str:
-    """The bank task whose head scores ``target`` (see the module docstring)."""
-    if head_from == "auto":
-        return HEAD_PARTNERS.get(target, target)
-    return target if head_from == "own" else head_from
 
 
 @dataclass
@@ -67,12 +60,7 @@ def run_demo(config: DemoConfig | None = None, *, bank: Bank | None = None, task
     bank_seconds = time.perf_counter() - started
     base, norm, resolution = bank_and_norm(bank)
     task = bank.loader(config.target, seed=bank.config.seed)
-    head = bank.head(config.target)
-    if head_task != config.target:
-        donor, own = bank.meta(head_task)["classes"], bank.meta(config.target)["classes"]
-        if donor != own:
-            raise ValueError(f"head_from={head_task!r} has classes {donor}, but {config.target!r} has {own}")
-        head = bank.head(head_task)
+    head_task, head = scoring_head(bank, config.target, config.head_from)
     sources = [name for name in tasks if name != config.target]
     vectors = bank.vectors(sources)
     train, val = few_shot_split(few_shot_pool(task), config.shots, config.seed)

@@ -1,7 +1,10 @@
 """Few-shot adaptation (aTLAS section 4.2) as a recipe: every target outside the bank, k shots per class.
 
 For each target task t the bank is the other tasks' vectors (leave-one-out), and t's frozen head
-comes from the bank (it plays CLIP's zero-shot head). For each k and seed, ``few_shot_split`` draws k
+comes from the bank (it plays CLIP's zero-shot head). By default that is t's own head, a probe fitted on
+t's whole training split and so stronger than any zero-shot head; ``head_from="auto"`` scores t through
+a same-class partner's head where there is one (Emoji-Twitter <-> Emoji-Google), which never saw a t
+label (:func:`~taskvec.recipes.common.resolve_head`). For each k and seed, ``few_shot_split`` draws k
 labelled images per class from t's validation split (``few_shot_pool``: the head was fitted on the
 training split, so those images are not few-shot data) and holds out a quarter of them (k >= 2) for
 model selection; every method trains on the same training shots and selects on the same selection
@@ -67,6 +70,8 @@ from taskvec.recipes.common import (
     few_shot_pool,
     few_shot_split,
     image_loader,
+    resolve_head,
+    scoring_head,
 )
 from taskvec.report import markdown_table, plot_lines, write_results
 from taskvec.train import TrainConfig, fit
@@ -108,6 +113,7 @@ class FewShotConfig:
     ood_source: str = "emoji_google"
     ood_target: str = "emoji_twitter"
     ood_shots: tuple[int, ...] = (16,)
+    head_from: str = "own"  # "own", "auto" (a same-class partner's head where there is one) or a task name
     bank: BankConfig = field(default_factory=BankConfig)
     out: Path = DEFAULT_RESULTS / "fewshot"
     resume: bool = True  # reuse finished (target, k, seed) jobs recorded under the same settings
@@ -479,6 +485,8 @@ def _fingerprint(config: FewShotConfig, bank: Bank) -> str:
         "finetune_lr": config.finetune_lr, "probe_decays": list(config.probe_decays),
         "probe_default_decay": config.probe_default_decay, "lpp_iterations": config.lpp_iterations,
     }
+    if config.head_from != "own":  # records made before the option existed stay valid for "own"
+        settings["head_from"] = config.head_from
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -494,6 +502,10 @@ def _check(config: FewShotConfig, tasks: Sequence[str]) -> None:
     missing = [t for t in config.targets if t not in tasks]
     if missing:
         raise ValueError(f"targets {missing} are not bank tasks {list(tasks)}: a target's head comes from the bank")
+    heads = {resolve_head(t, config.head_from) for t in config.targets} - set(tasks)
+    if heads:
+        raise ValueError(f"head_from={config.head_from!r} asks for heads of {sorted(heads)}, "
+                         f"not bank tasks {list(tasks)}")
     if not config.targets or not config.shots or not config.seeds:
         raise ValueError("few-shot: targets, shots and seeds must each name at least one value")
     if any(k < 1 for k in config.shots) or any(k < 1 for k in config.ood_shots):
@@ -529,7 +541,7 @@ def run_fewshot(
                 if store.get(f"{target}/{k}/{s}", methods) is None]
         if todo:
             task = bank.loader(target, seed=bank.config.seed)
-            head = bank.head(target).freeze()
+            _, head = scoring_head(bank, target, config.head_from)
             vectors = bank.vectors([name for name in tasks if name != target])
             test_pretrained = features(base, task.test, resolution, **norm)
         for k in config.shots:
@@ -558,11 +570,17 @@ def run_fewshot(
                             "mean_seconds": sum(seconds) / len(seconds), "total_seconds": sum(seconds)})
 
     full = set(config.targets) == set(tasks) and tuple(sorted(config.shots)) == ALL_SHOTS
+    borrowed = {t: resolve_head(t, config.head_from) for t in config.targets}
+    borrowed = {t: h for t, h in borrowed.items() if h != t}
+    head_text = "head of each target from the bank" + (
+        " (its own, fitted on its whole training split)" if not borrowed else
+        "; borrowed heads that never saw the target's labels: "
+        + ", ".join(f"{t} scored by {h}'s" for t, h in borrowed.items()))
     header = (
         f"Few-shot adaptation: test accuracy (%) averaged over targets {', '.join(config.targets)}; "
         f"mean ± s.e. over seeds {list(config.seeds)} (per seed: mean over targets). "
-        f"Bank: leave-one-out over {list(tasks)} on {bank.config.backbone} @ {resolution}px; head of each target "
-        f"from the bank. {config.schedule.epochs} epochs (aTLAS lr {config.schedule.lr:g}, fine-tuning lr "
+        f"Bank: leave-one-out over {list(tasks)} on {bank.config.backbone} @ {resolution}px; {head_text}. "
+        f"{config.schedule.epochs} epochs (aTLAS lr {config.schedule.lr:g}, fine-tuning lr "
         f"{config.finetune_lr:g}); selection on a quarter of the k shots (k >= 2), none at k = 1."
         + ("" if full else f" **Subset of the full grid** (shots {list(config.shots)}; full grid: "
            f"`--targets {' '.join(tasks)} --shots {' '.join(map(str, ALL_SHOTS))}`).")
@@ -633,6 +651,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     add("--epochs", type=int, default=schedule.epochs, help="aTLAS / fine-tuning epochs (default: %(default)s)")
     add("--lr", type=float, default=schedule.lr, help="aTLAS coefficient learning rate (default: %(default)s)")
     add("--finetune-lr", type=float, default=FewShotConfig.finetune_lr, help="full fine-tuning lr (%(default)s)")
+    add("--head-from", default=FewShotConfig.head_from, metavar="auto|own|TASK",
+        help="whose head scores each target: its own (fitted on its whole training split), 'auto' (a "
+        "same-class partner's, e.g. Emoji-Google's for Emoji-Twitter, where there is one), or a task "
+        "(default: %(default)s)")
     add("--no-ood", action="store_true", help="skip the Emoji-Google -> Emoji-Twitter OOD check")
     add("--ood-shots", nargs="+", type=int, default=[16], help="k values of the OOD check (default: %(default)s)")
     add("--bank-root", type=Path, default=None, help="bank directory (default: the standard bank in the cache)")
@@ -647,7 +669,8 @@ def _cli(args: argparse.Namespace) -> int:
     config = FewShotConfig(
         targets=targets, shots=tuple(args.shots), seeds=tuple(args.seeds), methods=tuple(args.methods),
         schedule=CoefficientSchedule(epochs=args.epochs, lr=args.lr), finetune_lr=args.finetune_lr,
-        ood=not args.no_ood, ood_shots=tuple(args.ood_shots), out=args.out, resume=not args.no_resume,
+        ood=not args.no_ood, ood_shots=tuple(args.ood_shots), head_from=args.head_from, out=args.out,
+        resume=not args.no_resume,
         progress=not args.quiet,
     )
     bank = Bank(config.bank, root=args.bank_root) if args.bank_root else None
