@@ -232,7 +232,11 @@ class QuantizedTaskVector(_VectorBase):
     """
 
     def __init__(
-        self, blocks: Mapping[str, QuantizedBlock], scheme: QuantScheme | str, *, metadata: Mapping[str, str] | None = None
+        self,
+        blocks: Mapping[str, QuantizedBlock],
+        scheme: QuantScheme | str,
+        *,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         if not blocks:
             raise ValueError("a quantised task vector needs at least one block; got none")
@@ -370,7 +374,7 @@ class QuantizedStack(nn.Module):
         self.register_buffer("codes", torch.stack([b.codes for b in blocks]), persistent=False)
         self.register_buffer("scales", torch.stack([b.scales for b in blocks]), persistent=False)
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's callback signature
+    def _apply(self, fn, recurse: bool = True):
         """``.to(dtype)`` / ``.double()`` must not cast the stored codes or scales; only devices move."""
         dtypes = (self.codes.dtype, self.scales.dtype)
         super()._apply(fn, recurse)
@@ -424,12 +428,12 @@ class _QuantizedWeightedSum(torch.autograd.Function):
     """Forward ``sum_i w_i * dq(q_i)``; backward ``grad_w_i = <grad, dq(q_i)>``; saves only the stack."""
 
     @staticmethod
-    def forward(ctx, weights: Tensor, stack: QuantizedStack, parts: BlockParts | None) -> Tensor:  # noqa: ANN001
+    def forward(ctx, weights: Tensor, stack: QuantizedStack, parts: BlockParts | None) -> Tensor:
         ctx.stack, ctx.parts, ctx.num_parts = stack, parts, weights.shape[1] if weights.dim() == 2 else 1
         return stack.weighted_sum(weights, parts)
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor):  # noqa: ANN001
+    def backward(ctx, grad_output: Tensor):
         return ctx.stack.contract(grad_output, ctx.parts, ctx.num_parts), None, None
 
 
