@@ -137,7 +137,7 @@ def test_load_refuses_mismatched_codes(tmp_path, bank):
 GRANULARITIES = ["isotropic", "block", "x3", "x4-random"]
 
 
-@pytest.mark.parametrize("spec", ["bf16", "int8-row", "int4-g5", "int4-block"])
+@pytest.mark.parametrize("spec", ["fp32", "bf16", "int8-row", "int4-g5", "int4-block"])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_quantised_composition_equals_dequantised(base, bank, images, spec, granularity):
     quantized = quantize_bank(bank, spec)
@@ -239,3 +239,16 @@ def test_mixed_bank_and_lora_source(base, images):
 def test_other_base_refused(bank):
     with pytest.raises(ValueError, match="fingerprint"):
         QuantizedComposer(make_base(seed=3), quantize_bank(bank, "int8"))
+
+
+@pytest.mark.parametrize("spec", ["int8-g5", "int4-g5", "int4-row", "int4-block", "bf16"])
+def test_any_range_dequantises_like_the_whole_block(spec):
+    """Every [start, stop), odd starts of int4 bytes and ranges across groups included."""
+    x = torch.randn(6, 7, generator=torch.Generator().manual_seed(9))
+    scheme = QuantScheme.parse(spec)
+    stored = quantize_block(x, scheme)
+    whole = q.dequantize_block(stored, scheme.format).reshape(-1)
+    for start in range(42):
+        for stop in range(start + 1, 43):
+            part = q.dequantize_range(stored.codes, stored.scales, scheme.format, stored.group, start, stop)
+            assert torch.equal(part, whole[start:stop]), (start, stop)

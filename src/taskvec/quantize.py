@@ -43,7 +43,7 @@ INT_FORMATS: dict[str, int] = {"int8": 127, "int4": 7}  # format -> qmax (symmet
 GROUPINGS = ("block", "row")
 
 #: Elements of one block that the kernel dequantises at once (times the number of vectors in the stack).
-DEFAULT_CHUNK = 1 << 16
+DEFAULT_CHUNK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -179,27 +179,38 @@ def quantize_block(tensor: Tensor, scheme: QuantScheme | str, *, name: str = "")
 
 
 def _codes_range(codes: Tensor, fmt: str, start: int, stop: int) -> Tensor:
-    """Elements [start, stop) of stored codes (last dim), as fp32 before scaling. ``start`` is even for int4."""
+    """Stored codes of elements [start, stop) (last dim), as fp32 before scaling."""
     if fmt == "int4":
-        return unpack_int4(codes[..., start // 2 : (stop + 1) // 2])[..., : stop - start].to(torch.float32)
+        packed = codes[..., start // 2 : (stop + 1) // 2]
+        # straight into fp32 (strided writes), 3x faster than unpacking to int8 and converting
+        values = torch.empty(*packed.shape[:-1], 2 * packed.shape[-1], dtype=torch.float32, device=packed.device)
+        values[..., 0::2] = packed & 0x0F
+        values[..., 1::2] = packed >> 4
+        offset = start % 2
+        return values.sub_(8)[..., offset : offset + stop - start]
     return codes[..., start:stop].to(torch.float32)
-
-
-def _scales_range(scales: Tensor, group: int, start: int, stop: int) -> Tensor:
-    """The scale of each element in [start, stop): (..., stop - start)."""
-    if start % group == 0 and (stop - start) % group == 0:
-        return torch.repeat_interleave(scales[..., start // group : stop // group], group, dim=-1)
-    index = torch.arange(start, stop, device=scales.device) // group
-    return scales[..., index]
 
 
 def dequantize_range(
     codes: Tensor, scales: Tensor, fmt: str, group: int, start: int, stop: int, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """Dequantise elements [start, stop) of one block, or of a stack of them (leading dims kept)."""
-    values = _codes_range(codes, fmt, start, stop)
-    if fmt in INT_FORMATS:
-        values = values * _scales_range(scales, group, start, stop)
+    """Dequantise elements [start, stop) of one block, or of a stack of them (leading dims kept).
+
+    Ranges inside one group, or starting on a group boundary, scale by broadcasting (no per-element
+    scale tensor); other ranges gather each element's scale.
+    """
+    if fmt not in INT_FORMATS:
+        return codes[..., start:stop].to(dtype)
+    first, last = start // group, (stop - 1) // group
+    if first == last:
+        values = _codes_range(codes, fmt, start, stop) * scales[..., first : first + 1]
+    elif start % group == 0:
+        # codes are padded to whole groups, so the last group can be read in full and cut
+        whole = _codes_range(codes, fmt, start, (last + 1) * group).unflatten(-1, (last + 1 - first, group))
+        values = (whole * scales[..., first : last + 1, None]).flatten(-2)[..., : stop - start]
+    else:
+        index = torch.arange(start, stop, device=scales.device) // group
+        values = _codes_range(codes, fmt, start, stop) * scales[..., index]
     return values.to(dtype)
 
 
@@ -216,7 +227,8 @@ def error_bound(tensor: Tensor, scheme: QuantScheme | str) -> Tensor:
         u, tiny = scheme.unit_roundoff()
         return torch.clamp(u * x.abs(), min=tiny / 2)
     block = quantize_block(x, scheme)
-    return _scales_range(block.scales, block.group, 0, x.numel()).reshape(x.shape) / 2
+    per_element = torch.repeat_interleave(block.scales, block.group)[: x.numel()]
+    return per_element.reshape(x.shape) / 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,7 +382,9 @@ class QuantizedStack(nn.Module):
         self.shape = blocks[0].shape
         self.numel = blocks[0].numel
         self.group = blocks[0].group
-        self.chunk = max(2, chunk - chunk % 2)  # even, so an int4 chunk starts on a byte
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1 element, got {chunk}")
+        self.chunk = chunk
         self.register_buffer("codes", torch.stack([b.codes for b in blocks]), persistent=False)
         self.register_buffer("scales", torch.stack([b.scales for b in blocks]), persistent=False)
 
@@ -381,9 +395,23 @@ class QuantizedStack(nn.Module):
         self.codes, self.scales = self.codes.to(dtypes[0]), self.scales.to(dtypes[1])
         return self
 
-    def ranges(self) -> Iterable[tuple[int, int]]:
-        for start in range(0, self.numel, self.chunk):
-            yield start, min(self.numel, start + self.chunk)
+    def ranges(self, dtype: torch.dtype | None = None) -> Iterable[tuple[int, int]]:
+        """Element ranges of at most ``chunk``, made of whole groups or lying inside one group.
+
+        A stack already stored in ``dtype`` needs no conversion, hence no temporary: one range.
+        """
+        if dtype is not None and self.codes.dtype == dtype:
+            yield 0, self.numel
+            return
+        if self.group <= self.chunk:
+            step = (self.chunk // self.group) * self.group
+            for start in range(0, self.numel, step):
+                yield start, min(self.numel, start + step)
+            return
+        for group_start in range(0, self.numel, self.group):
+            group_stop = min(self.numel, group_start + self.group)
+            for start in range(group_start, group_stop, self.chunk):
+                yield start, min(group_stop, start + self.chunk)
 
     def dequantize(self, start: int, stop: int, dtype: torch.dtype) -> Tensor:
         """(m, stop - start) dequantised values of elements [start, stop)."""
@@ -392,7 +420,7 @@ class QuantizedStack(nn.Module):
     def weighted_sum(self, weights: Tensor, parts: BlockParts | None = None) -> Tensor:
         """Flat ``sum_i w_i * dq(q_i)``; ``weights`` is (m,) or, with ``parts``, (m, K) per part."""
         out = torch.empty(self.numel, dtype=weights.dtype, device=weights.device)
-        for start, stop in self.ranges():
+        for start, stop in self.ranges(weights.dtype):
             values = self.dequantize(start, stop, weights.dtype)
             if parts is None:
                 out[start:stop] = weights @ values
@@ -405,7 +433,7 @@ class QuantizedStack(nn.Module):
         m = self.codes.shape[0]
         flat = grad.reshape(-1)
         out = torch.zeros((m,) if parts is None else (m, num_parts), dtype=grad.dtype, device=grad.device)
-        for start, stop in self.ranges():
+        for start, stop in self.ranges(grad.dtype):
             values = self.dequantize(start, stop, grad.dtype)
             if parts is None:
                 out += values @ flat[start:stop]
