@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,9 @@ from torch import Tensor, nn
 from taskvec.io import PathLike
 from taskvec.train import Evaluate, Loader, LossFn, TrainConfig, TrainResult, fit
 from taskvec.vectors import fingerprint, parameter_blocks
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 TARGET_SETS = ("attention", "mlp", "both", "conv1x1")
 _ATTENTION = re.compile(r"^(attn|attention|self_attn|self_attention|selfattention|cross_attn|mha)$", re.IGNORECASE)
@@ -96,14 +99,14 @@ class LoraSpec:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
 
-def make_lora_model(model: nn.Module, spec: LoraSpec) -> nn.Module:
+def make_lora_model(model: nn.Module, spec: LoraSpec) -> PeftModel:
     """A peft ``PeftModel`` around a *copy* of ``model``; only the adapter factors are trainable."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora_target_modules(model, spec.targets)
     config = LoraConfig(
         r=spec.rank,
-        lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,
+        lora_alpha=spec.alpha if spec.alpha is not None else spec.rank,  # type: ignore[arg-type]  # peft takes floats
         target_modules=targets,
         lora_dropout=spec.dropout,
         bias="none",
@@ -125,7 +128,7 @@ def adapter_parameter_count(peft_model: nn.Module) -> int:
 class LoraRun:
     """A trained adapter: the peft model, the spec, the resolved targets and the training record."""
 
-    model: nn.Module
+    model: PeftModel
     spec: LoraSpec
     targets: list[str]
     result: TrainResult
@@ -198,7 +201,8 @@ def merged_delta(base: nn.Module, adapter_dir: PathLike) -> dict[str, Tensor]:
     from peft import PeftModel
 
     original = parameter_blocks(base)
-    merged = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).merge_and_unload()
+    wrapped: Any = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir))
+    merged = wrapped.merge_and_unload()
     after = parameter_blocks(merged)
     return {name: (after[name] - original[name]).detach() for name in original
             if name in after and not torch.equal(after[name], original[name])}

@@ -29,6 +29,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -371,6 +372,9 @@ class QuantizedStack(nn.Module):
     the block in chunks of ``chunk`` elements, so at most (m, chunk) values are ever dequantised at once.
     """
 
+    codes: Tensor
+    scales: Tensor
+
     def __init__(self, blocks: Sequence[QuantizedBlock], scheme: QuantScheme, *, chunk: int = DEFAULT_CHUNK) -> None:
         super().__init__()
         if not blocks:
@@ -513,10 +517,10 @@ class QuantizedComposer(Composer):
         quantized = self._quantized[name]
         if quantized:
             parts = self.layout.blocks[name]
-            stack = self.stacks[str(self._positions[name])]
+            stack = cast(QuantizedStack, self.stacks[str(self._positions[name])])
             rows = coefficients[quantized]
             if parts.parts == 1:
-                flat = quantized_weighted_sum(rows[:, plan["column"]], stack)
+                flat = quantized_weighted_sum(rows[:, int(cast(int, plan["column"]))], stack)
             else:
                 flat = quantized_weighted_sum(rows[:, parts.columns], stack, parts)
             total = flat if total is None else total + flat
