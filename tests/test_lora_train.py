@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from taskvec.io import load_state_dict
 from taskvec.lora_train import (
     LoraSpec,
     adapter_parameter_count,
@@ -20,7 +21,7 @@ from taskvec.lora_train import (
 from taskvec.models.tiny import TinyCNN
 from taskvec.models.vit import VisionTransformer
 from taskvec.train import Loader, TrainConfig
-from taskvec.vectors import fingerprint, parameter_blocks
+from taskvec.vectors import LoraTaskVector, fingerprint, parameter_blocks
 
 
 def _vit() -> VisionTransformer:
@@ -93,6 +94,12 @@ def test_vit_adapter_round_trip(tmp_path, targets):
         expected = _factor_delta(run.model, module, blocks[f"{module}.weight"].shape, spec.scale)
         assert float(expected.abs().max()) > 0  # training moved B away from its zero init
         assert torch.allclose(delta[f"{module}.weight"], expected, atol=1e-6)
+    # the existing PEFT-key reader sees the same delta, so a bank of these adapters composes exactly
+    adapter = load_state_dict(out / "adapter_model.safetensors")
+    lora = LoraTaskVector.from_peft_state_dict(adapter, vit, alpha=4.0, rank=2)
+    assert sorted(lora.names) == sorted(delta)
+    for name in lora.names:
+        assert torch.allclose(lora.dense_block(name), delta[name], atol=1e-6)
     # and the merged network computes what the adapter-wrapped network computes
     merged = vit.__class__(img_size=8, patch_size=4, dim=16, depth=2, heads=2, mlp_ratio=2.0, seed=0).eval()
     with torch.no_grad():

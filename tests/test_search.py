@@ -31,6 +31,7 @@ def test_minimize_approaches_quadratic_optimum():
     assert torch.equal(again.coefficients, result.coefficients)  # seeded
 
 
+@pytest.mark.filterwarnings("ignore:Bounds are 2.0 sigma away")  # nevergrad's advice for narrow bounds
 def test_minimize_respects_bounds_and_validates():
     result = minimize(lambda x: float(((x - 5.0) ** 2).sum()), torch.zeros(2), budget=40, bounds=(-1.0, 1.0))
     assert (result.coefficients <= 1.0 + 1e-9).all()
