@@ -175,6 +175,11 @@ def test_kernel_gradient_matches_autograd_oracle():
     w = torch.randn(3, generator=g, requires_grad=True)
     (q.quantized_weighted_sum(w, stack) * upstream).sum().backward()
     assert torch.allclose(w.grad, dense @ upstream, atol=1e-5)
+    # the storage interface a composer's fused kernel calls: base + weights @ stack, and stack @ grad
+    offset = torch.randn(5, 9, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(stack.weighted_sum(w, offset), offset.reshape(-1) + w @ dense, atol=1e-5)
+    assert torch.allclose(stack.contract(upstream), dense @ upstream, atol=1e-5)
     for spec in ("x4", "x4-random"):
         parts = Layout({"b": (5, 9)}, spec).blocks["b"]
         owner = torch.cat([torch.full((int(s),), k) for k, s in enumerate(parts.sizes)]) if parts.sizes is not None \

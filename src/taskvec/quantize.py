@@ -421,8 +421,11 @@ class QuantizedStack(nn.Module):
         """(m, stop - start) dequantised values of elements [start, stop)."""
         return dequantize_range(self.codes, self.scales, self.format, self.group, start, stop, dtype)
 
-    def weighted_sum(self, weights: Tensor, parts: BlockParts | None = None) -> Tensor:
-        """Flat ``sum_i w_i * dq(q_i)``; ``weights`` is (m,) or, with ``parts``, (m, K) per part."""
+    def weighted_sum(self, weights: Tensor, base: Tensor | None = None, *, parts: BlockParts | None = None) -> Tensor:
+        """Flat ``base + sum_i w_i * dq(q_i)`` (no base: just the sum), in weights' dtype.
+
+        ``weights`` is (m,) or, with ``parts``, (m, K): one coefficient per part of the block.
+        """
         out = torch.empty(self.numel, dtype=weights.dtype, device=weights.device)
         for start, stop in self.ranges(weights.dtype):
             values = self.dequantize(start, stop, weights.dtype)
@@ -430,9 +433,9 @@ class QuantizedStack(nn.Module):
                 out[start:stop] = weights @ values
             else:
                 out[start:stop] = (weights[:, element_parts(parts, start, stop, weights.device)] * values).sum(0)
-        return out
+        return out if base is None else out.add_(base.reshape(-1).to(out.dtype))
 
-    def contract(self, grad: Tensor, parts: BlockParts | None = None, num_parts: int = 1) -> Tensor:
+    def contract(self, grad: Tensor, *, parts: BlockParts | None = None, num_parts: int = 1) -> Tensor:
         """``<grad, dq(q_i)>`` per vector: (m,), or (m, K) summed within each part."""
         m = self.codes.shape[0]
         flat = grad.reshape(-1)
@@ -462,11 +465,11 @@ class _QuantizedWeightedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights: Tensor, stack: QuantizedStack, parts: BlockParts | None) -> Tensor:
         ctx.stack, ctx.parts, ctx.num_parts = stack, parts, weights.shape[1] if weights.dim() == 2 else 1
-        return stack.weighted_sum(weights, parts)
+        return stack.weighted_sum(weights, parts=parts)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        return ctx.stack.contract(grad_output, ctx.parts, ctx.num_parts), None, None
+        return ctx.stack.contract(grad_output, parts=ctx.parts, num_parts=ctx.num_parts), None, None
 
 
 def quantized_weighted_sum(weights: Tensor, stack: QuantizedStack, parts: BlockParts | None = None) -> Tensor:
