@@ -10,6 +10,9 @@ from hf_tiny import bert, gpt2, lora_adapter, save
 from safetensors.torch import load_file, save_file
 
 from taskvec.cli import main
+
+# peft and transformers 5 warn about their own deprecated internals on every model built or loaded.
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 from taskvec.hf.adapters import AdapterError, load_adapter
 from taskvec.vectors import LoraTaskVector, load_task_vector
 

@@ -308,7 +308,7 @@ def _add_hf_commands(commands) -> None:
     merge.add_argument("--alpha", type=float, default=1.0, help="scale of the merged vector (default: 1)")
     merge.add_argument("--density", type=float, default=0.2, help="TIES: fraction kept per vector (default: 0.2)")
     merge.add_argument("--drop-rate", type=float, default=0.9, help="DARE: drop probability (default: 0.9)")
-    merge.add_argument("--seed", type=int, default=0, help="DARE: seed; vector i uses seed + i (default: 0)")
+    merge.add_argument("--seed", type=int, default=0, help="DARE: seed of the drop masks (default: 0)")
     merge.add_argument("--coefficients", type=Path, default=None, help="learned: a Composer coefficients file")
     merge.add_argument("--max-shard-size", default="5GB", help="shard the safetensors above this (default: 5GB)")
     merge.add_argument("-o", "--output", type=Path, default=None, help="output model directory")

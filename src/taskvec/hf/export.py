@@ -9,8 +9,8 @@ exactly (a histogram of the float bit patterns, high half then low half), equal 
 
 Methods (theta_0 the base, tau_i the vectors, missing blocks of a vector count as zero):
 ``sum``: theta_0 + alpha * sum_i tau_i; ``ties``: TIES with ``density`` and ``alpha``; ``dare`` /
-``dare_ties``: DARE with ``drop_rate``, vector i's mask drawn from a generator seeded ``seed + i``, block
-by block in the base's order (so it equals ``merging.dare(tau_i, p, Generator().manual_seed(seed + i))``);
+``dare_ties``: DARE with ``drop_rate``; the mask of vector i on block b is drawn from its own generator,
+seeded :func:`dare_seed` (seed, i, b), so it does not depend on the order in which files list blocks;
 ``learned``: the coefficients a :class:`~taskvec.compose.Composer` saved, at their granularity.
 
 Writing is atomic: everything goes to a temporary directory beside OUT_DIR, renamed into place at the end.
@@ -48,6 +48,14 @@ METHODS = ("sum", "ties", "dare", "dare_ties", "learned")
 DEFAULT_MAX_SHARD = 5 * 1024**3
 _SIZE_UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def dare_seed(seed: int, index: int, block: str) -> int:
+    """The generator seed of vector ``index``'s DARE mask on ``block``: a digest, stable across runs."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{index}:{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def parse_size(size: int | str) -> int:
@@ -382,7 +390,6 @@ def merge_to_directory(
     blocks = _base_blocks(weights)
     covered = [k for k in blocks if any(k in s.shapes for s in sources)]
     thresholds = streaming_thresholds(sources, covered, density) if method == "ties" else None
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(sources))]
     params: dict[str, object] = {"alpha": alpha}
     if method == "ties":
         params["density"] = density
@@ -411,7 +418,8 @@ def merge_to_directory(
                 scale = 1.0 / (1.0 - drop_rate)
                 for i, d in enumerate(deltas):
                     if d is not None:
-                        keep = torch.rand(d.shape, generator=generators[i]) >= drop_rate
+                        generator = torch.Generator().manual_seed(dare_seed(seed, i, key))
+                        keep = torch.rand(d.shape, generator=generator) >= drop_rate
                         deltas[i] = torch.where(keep, d * scale, torch.zeros(()))
             if method == "dare":
                 update = sum((d for d in deltas if d is not None), zero) * alpha
@@ -444,8 +452,10 @@ def merge_to_directory(
                 for key in keys:
                     writer.write(key, merged(key))
                     weight_map[key] = name
-            finally:
-                writer.close()
+            except BaseException:
+                writer.close(complete=False)
+                raise
+            writer.close()
         if len(plan) > 1:
             total = sum(weights.nbytes(k) for k in weights)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
