@@ -10,11 +10,11 @@ from hf_tiny import bert, gpt2, lora_adapter, save
 from safetensors.torch import load_file, save_file
 
 from taskvec.cli import main
+from taskvec.hf.adapters import AdapterError, load_adapter
+from taskvec.vectors import LoraTaskVector, load_task_vector
 
 # peft and transformers 5 warn about their own deprecated internals on every model built or loaded.
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
-from taskvec.hf.adapters import AdapterError, load_adapter
-from taskvec.vectors import LoraTaskVector, load_task_vector
 
 
 def _max_diff(model, oracle) -> float:
@@ -97,7 +97,7 @@ def test_unknown_key_is_refused_by_name(base, tmp_path):
 
 
 def test_adapter_for_another_base_is_refused(base, tmp_path):
-    model, base_dir = base
+    _, base_dir = base
     other = bert(0, hidden_size=48, intermediate_size=96)
     lora_adapter(other, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["query"])
     with pytest.raises(AdapterError, match="another base") as info:

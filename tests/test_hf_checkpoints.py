@@ -9,12 +9,12 @@ import torch
 from hf_tiny import bert, perturbed, save
 
 from taskvec.cli import main
-
-# peft and transformers 5 warn about their own deprecated internals on every model built or loaded.
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 from taskvec.hf.checkpoints import config_differences, open_weights
 from taskvec.io import CheckpointError, load_state_dict
 from taskvec.vectors import TaskVector
+
+# peft and transformers 5 warn about their own deprecated internals on every model built or loaded.
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,15 @@ from hf_tiny import bert, lora_adapter, perturbed, save
 from transformers import AutoModel
 
 from taskvec.cli import main
-
-# peft and transformers 5 warn about their own deprecated internals on every model built or loaded.
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 from taskvec.compose import Composer
 from taskvec.hf.adapters import load_adapter
 from taskvec.hf.export import dare_seed, merge_to_directory, streaming_thresholds
 from taskvec.io import CheckpointError
 from taskvec.merging import dare, magnitude_threshold, ties_merge
 from taskvec.vectors import BaseMismatchError, TaskVector
+
+# peft and transformers 5 warn about their own deprecated internals on every model built or loaded.
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 IDS = torch.tensor([[2, 5, 9, 14, 3, 7], [4, 8, 1, 0, 0, 0]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
