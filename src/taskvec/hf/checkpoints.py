@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,7 @@ class ModelWeights(Mapping[str, Tensor]):
         self._headers: dict[Path, int] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
         self.metadata: dict[str, str] = {}
+        self._last: tuple[tuple[str, int, int], Tensor] | None = None
         self._pickled: dict[Path, dict[str, Tensor]] = {}
         for file in self.files:
             self._scan(file)
@@ -154,20 +155,34 @@ class ModelWeights(Mapping[str, Tensor]):
     # -- the Mapping interface -------------------------------------------------------------------
 
     def __getitem__(self, key: str) -> Tensor:
+        shape = self._shape[key]
+        return self.rows(key, 0, shape[0] if shape else 1)
+
+    def rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of a tensor (its first dimension), reading only their bytes. A 0-d tensor
+        counts as one row."""
+        shape, dtype = self._shape[key], self._dtype[key]
+        if self._last is not None and self._last[0] == (key, start, stop):  # vectors read one base slice in turn
+            return self._last[1]
         file = self._where[key]
         if file in self._pickled:
-            return self._pickled[file][key]
+            tensor = self._pickled[file][key]
+            return tensor[start:stop] if shape else tensor
+        out_shape = (stop - start, *shape[1:]) if shape else shape
+        row_bytes = (shape[1:].numel() if shape else 1) * dtype.itemsize
+        begin = self._offsets[key][0] + start * row_bytes
+        length = (stop - start) * row_bytes
+        if length == 0:
+            return torch.empty(out_shape, dtype=dtype)
         # Plain reads, not a memory map: a streaming merge must not keep every page it has seen resident.
-        begin, end = self._offsets[key]
-        shape, dtype = self._shape[key], self._dtype[key]
-        if end == begin:
-            return torch.empty(shape, dtype=dtype)
-        buffer = bytearray(end - begin)
+        buffer = bytearray(length)
         with file.open("rb") as handle:
             handle.seek(begin)
-            if handle.readinto(buffer) != len(buffer):
+            if handle.readinto(buffer) != length:
                 raise CheckpointError(f"{file}: truncated while reading tensor '{key}'")
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+        tensor = torch.frombuffer(buffer, dtype=dtype).reshape(out_shape)
+        self._last = ((key, start, stop), tensor)
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -253,12 +268,23 @@ class SafetensorsStreamWriter:
         self._next = 0
 
     def write(self, key: str, tensor: Tensor) -> None:
+        self.write_parts(key, [tensor])
+
+    def write_parts(self, key: str, parts: Iterable[Tensor]) -> None:
+        """Write one tensor given as consecutive row chunks (so the whole tensor need never exist)."""
         expected_key, dtype, shape, nbytes = self._expected[self._next]
-        if key != expected_key or tensor.dtype != dtype or tensor.shape != shape:
-            raise ValueError(f"{self.path}: expected {expected_key} {dtype} {tuple(shape)}, got {key} "
-                             f"{tensor.dtype} {tuple(tensor.shape)}")
-        if nbytes:
-            self._handle.write(memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        if key != expected_key:
+            raise ValueError(f"{self.path}: expected tensor {expected_key}, got {key}")
+        written = 0
+        for part in parts:
+            if part.dtype != dtype:
+                raise ValueError(f"{self.path}: tensor {key} has dtype {part.dtype}, expected {dtype}")
+            if part.numel():
+                data = part.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                self._handle.write(memoryview(data))
+                written += data.nbytes
+        if written != nbytes:
+            raise ValueError(f"{self.path}: tensor {key} got {written} bytes, expected {nbytes} for {tuple(shape)}")
         self._next += 1
 
     def close(self, complete: bool = True) -> None:

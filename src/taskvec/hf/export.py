@@ -89,16 +89,26 @@ class _Source:
     finetuned: ModelWeights | None = None
     base: ModelWeights | None = None
 
-    def delta(self, key: str) -> Tensor | None:
+    def delta(self, key: str, start: int | None = None, stop: int | None = None) -> Tensor | None:
+        """Rows ``start:stop`` of this vector's block ``key`` in fp32 (the whole block by default)."""
         if key not in self.shapes:
             return None
-        if self.vector is not None:
-            out = self.vector.dense_block(key, torch.float32)
+        shape = self.shapes[key]
+        start, stop = start or 0, (shape[0] if shape else 1) if stop is None else stop
+        if isinstance(self.vector, LoraTaskVector):
+            a, b = self.vector.factors[key]
+            rows = (b[start:stop].to(torch.float32) @ a.to(torch.float32)) * self.vector.scales[key]
+            out = rows.reshape((stop - start, *shape[1:]) if shape else shape)
+        elif self.vector is not None:
+            block = self.vector.dense_block(key)
+            out = (block[start:stop] if shape else block).to(torch.float32)
         elif self.finetuned is not None and self.base is not None:
-            out = self.finetuned[key].to(torch.float32) - self.base[key].to(torch.float32)
+            out = self.finetuned.rows(key, start, stop).to(torch.float32) - self.base.rows(key, start, stop).to(
+                torch.float32
+            )
         else:
             assert self.weights is not None
-            out = self.weights[key].to(torch.float32)
+            out = self.weights.rows(key, start, stop).to(torch.float32)
         if not torch.isfinite(out).all():
             raise ValueError(f"{self.label}: block '{key}' has NaN/Inf values")
         return out
@@ -195,15 +205,27 @@ def _check_sources(sources: list[_Source], base: ModelWeights, base_path: Path) 
 # ----------------------------------------------------------------------------------------------
 
 
-def streaming_thresholds(sources: list[_Source], order: Sequence[str], density: float) -> list[float]:
+def _row_chunks(sources: Sequence[_Source], key: str, chunk_elements: int) -> list[tuple[int, int]]:
+    """Row ranges of block ``key`` holding about ``chunk_elements`` elements each."""
+    shape = next(s.shapes[key] for s in sources if key in s.shapes)
+    if not shape:
+        return [(0, 1)]
+    step = max(1, chunk_elements // max(1, shape[1:].numel()))
+    return [(start, min(shape[0], start + step)) for start in range(0, shape[0], step)]
+
+
+def streaming_thresholds(
+    sources: list[_Source], order: Sequence[str], density: float, chunk_elements: int = 1 << 22
+) -> list[float]:
     """Each vector's k-th largest |value| over its blocks (k = ceil(density * numel)), reading one block
     at a time: non-negative floats sort like their bit patterns, so a histogram of the high 16 bits
     finds the bin, and one of the low 16 bits inside it finds the exact value."""
     ks = [_kept_count(s.numel(), density) for s in sources]
+    chunks = [(key, start, stop) for key in order for start, stop in _row_chunks(sources, key, chunk_elements)]
     high = [torch.zeros(1 << 15, dtype=torch.long) for _ in sources]
-    for key in order:
+    for key, start, stop in chunks:
         for i, source in enumerate(sources):
-            delta = source.delta(key)
+            delta = source.delta(key, start, stop)
             if delta is not None:
                 bits = delta.abs().reshape(-1).view(torch.int32)
                 high[i] += torch.bincount(bits >> 16, minlength=1 << 15)[: 1 << 15]
@@ -214,9 +236,9 @@ def streaming_thresholds(sources: list[_Source], order: Sequence[str], density: 
         bins.append((1 << 15) - 1 - position)
         needs.append(ks[i] - (int(from_top[position - 1]) if position else 0))
     low = [torch.zeros(1 << 16, dtype=torch.long) for _ in sources]
-    for key in order:
+    for key, start, stop in chunks:
         for i, source in enumerate(sources):
-            delta = source.delta(key)
+            delta = source.delta(key, start, stop)
             if delta is not None:
                 bits = delta.abs().reshape(-1).view(torch.int32)
                 inside = bits[(bits >> 16) == bins[i]]
@@ -243,16 +265,18 @@ class _Learned:
     layout: Layout
     coefficients: Tensor
 
-    def element_weights(self, key: str) -> Tensor:
-        """(n, numel) coefficient of every element of a block, as the composer applies them."""
+    def element_weights(self, key: str, begin: int, end: int) -> Tensor:
+        """(n, end - begin) coefficients of the flattened elements ``begin:end`` of a block, as the composer
+        applies them (one per part; contiguous ``rows`` parts or a fixed ``random`` partition)."""
         parts = self.layout.blocks[key]
         per_part = self.coefficients[:, parts.columns]
-        numel = int(self.layout.shapes[key].numel())
         if parts.sizes is not None:
-            return torch.repeat_interleave(per_part, parts.sizes, dim=1, output_size=numel)
+            bounds = torch.cumsum(parts.sizes, 0)
+            which = torch.searchsorted(bounds, torch.arange(begin, end), right=True)
+            return per_part[:, which]
         if parts.index is not None:
-            return per_part[:, parts.index]
-        return per_part.expand(-1, numel)
+            return per_part[:, parts.index[begin:end]]
+        return per_part.expand(-1, end - begin)
 
 
 def _learned(path: Path, sources: list[_Source], base: ModelWeights) -> _Learned:
@@ -309,6 +333,8 @@ def check_output_dir(out_dir: PathLike, inputs: Sequence[PathLike], *, force: bo
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"output directory {out_dir}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"output directory {out_dir}: {parent} is not writable")
     return out
@@ -357,12 +383,14 @@ def merge_to_directory(
     max_shard_size: int | str = DEFAULT_MAX_SHARD,
     force: bool = False,
     allow_pickle: bool = False,
+    chunk_elements: int = 1 << 22,
 ) -> Path:
     """Merge task vectors into ``base`` and write a model directory that ``from_pretrained`` loads.
 
     ``base`` is a model directory or checkpoint file; each vector is a taskvec vector file, a fine-tuned
     model directory/file, a PEFT adapter directory, or an in-memory task vector. Everything is checked
-    before any work; nothing is left half-written on failure. Returns the output directory.
+    before any work; nothing is left half-written on failure. Blocks are processed in row chunks of about
+    ``chunk_elements`` elements, so memory holds n chunks, not n blocks. Returns the output directory.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
@@ -389,7 +417,7 @@ def merge_to_directory(
     learned = _learned(Path(coefficients), sources, weights) if method == "learned" else None
     blocks = _base_blocks(weights)
     covered = [k for k in blocks if any(k in s.shapes for s in sources)]
-    thresholds = streaming_thresholds(sources, covered, density) if method == "ties" else None
+    thresholds = streaming_thresholds(sources, covered, density, chunk_elements) if method == "ties" else None
     params: dict[str, object] = {"alpha": alpha}
     if method == "ties":
         params["density"] = density
@@ -399,38 +427,44 @@ def merge_to_directory(
         params = {"coefficients": str(coefficients)}
     base_print = fingerprint(_LazyBlocks(weights, blocks))
 
-    def merged(key: str) -> Tensor:
-        theta = weights[key]
+    def merged(key: str) -> Iterator[Tensor]:
+        """The merged block ``key`` as row chunks: n vectors' slices of one chunk in memory at a time."""
+        shape = weights.shape(key)
         if key not in covered or (learned is not None and key not in learned.layout.blocks):
-            return theta
-        deltas = [s.delta(key) for s in sources]
-        zero = torch.zeros(theta.shape)
-        if method == "sum":
-            update = sum((d for d in deltas if d is not None), zero) * alpha
-        elif method == "learned":
-            assert learned is not None
-            weights_n = learned.element_weights(key)
-            update = sum(
-                (weights_n[i].reshape(theta.shape) * d for i, d in enumerate(deltas) if d is not None), zero
-            )
-        else:
-            if method in ("dare", "dare_ties"):
-                scale = 1.0 / (1.0 - drop_rate)
-                for i, d in enumerate(deltas):
-                    if d is not None:
-                        generator = torch.Generator().manual_seed(dare_seed(seed, i, key))
-                        keep = torch.rand(d.shape, generator=generator) >= drop_rate
-                        deltas[i] = torch.where(keep, d * scale, torch.zeros(()))
-            if method == "dare":
-                update = sum((d for d in deltas if d is not None), zero) * alpha
+            yield weights[key]
+            return
+        row = shape[1:].numel() if shape else 1
+        generators = [torch.Generator().manual_seed(dare_seed(seed, i, key)) for i in range(len(sources))]
+        for start, stop in _row_chunks(sources, key, chunk_elements):
+            theta = weights.rows(key, start, stop)
+            update = torch.zeros(theta.shape)
+            if method in ("sum", "dare", "learned"):
+                coefficient = learned.element_weights(key, start * row, stop * row) if learned is not None else None
+                for i, source in enumerate(sources):  # accumulate: one vector's slice at a time
+                    d = source.delta(key, start, stop)
+                    if d is None:
+                        continue
+                    if method == "dare":
+                        keep = torch.rand(d.shape, generator=generators[i]) >= drop_rate
+                        update += torch.where(keep, d * (1.0 / (1.0 - drop_rate)), torch.zeros(())) * alpha
+                    elif coefficient is not None:
+                        update += coefficient[i].reshape(d.shape) * d
+                    else:
+                        update += d * alpha
             else:
-                stack = torch.stack([d if d is not None else zero for d in deltas])
-                if method == "ties":
+                slices = [source.delta(key, start, stop) for source in sources]
+                stack = torch.stack([d if d is not None else torch.zeros(theta.shape) for d in slices])
+                del slices
+                if method == "dare_ties":
+                    for i in range(len(sources)):
+                        keep = torch.rand(stack[i].shape, generator=generators[i]) >= drop_rate
+                        stack[i] = torch.where(keep, stack[i] * (1.0 / (1.0 - drop_rate)), torch.zeros(()))
+                else:
                     assert thresholds is not None
                     limits = torch.tensor(thresholds).reshape((-1,) + (1,) * theta.dim())
                     stack = torch.where(stack.abs() >= limits, stack, torch.zeros(()))
                 update = disjoint_mean(stack, elect_sign(stack)) * alpha
-        return (theta.to(torch.float32) + update).to(theta.dtype)
+            yield (theta.to(torch.float32) + update).to(theta.dtype)
 
     plan = _shard_plan(weights, max_shard)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -450,7 +484,7 @@ def merge_to_directory(
             writer = SafetensorsStreamWriter(tmp / name, specs, {"format": "pt"})
             try:
                 for key in keys:
-                    writer.write(key, merged(key))
+                    writer.write_parts(key, merged(key))
                     weight_map[key] = name
             except BaseException:
                 writer.close(complete=False)
