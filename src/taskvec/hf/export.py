@@ -215,7 +215,7 @@ def _row_chunks(sources: Sequence[_Source], key: str, chunk_elements: int) -> li
 
 
 def streaming_thresholds(
-    sources: list[_Source], order: Sequence[str], density: float, chunk_elements: int = 1 << 22
+    sources: list[_Source], order: Sequence[str], density: float, chunk_elements: int = 1 << 20
 ) -> list[float]:
     """Each vector's k-th largest |value| over its blocks (k = ceil(density * numel)), reading one block
     at a time: non-negative floats sort like their bit patterns, so a histogram of the high 16 bits
@@ -383,7 +383,7 @@ def merge_to_directory(
     max_shard_size: int | str = DEFAULT_MAX_SHARD,
     force: bool = False,
     allow_pickle: bool = False,
-    chunk_elements: int = 1 << 22,
+    chunk_elements: int = 1 << 20,
 ) -> Path:
     """Merge task vectors into ``base`` and write a model directory that ``from_pretrained`` loads.
 
