@@ -103,6 +103,15 @@ def test_hf_encoder_mean_pooling_and_head(tmp_path):
     for row, text in zip(batched, texts, strict=True):
         expected = one(text)
         assert torch.allclose(row, expected / expected.norm(), atol=1e-5)
+    # task vectors made from encoder checkpoints compose on the backbone (its names are the checkpoint's)
+    tuned = perturbed(model, 1)
+    composer = Composer(encoder, [TaskVector.from_models(model, tuned, name="ft")], "isotropic", init=1.0)
+    tokens = tokenizer(texts)
+    with torch.no_grad():
+        hidden = tuned(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).float()
+        expected = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        assert torch.allclose(composer(tokens["input_ids"], tokens["attention_mask"]), expected, atol=1e-5)
     head = zero_shot_head(encode, CLASSES, TEMPLATES, logit_scale=20.0)
     weights, _ = _hand_head(one, 20.0)
     assert torch.allclose(head.weight, weights, atol=1e-5)
