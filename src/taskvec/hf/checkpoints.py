@@ -34,12 +34,6 @@ IGNORED_CONFIG_FIELDS = frozenset(
 )
 
 
-def is_model_dir(path: PathLike) -> bool:
-    """True for a directory that looks like a Hugging Face model (a config or a weights file)."""
-    folder = Path(path)
-    return folder.is_dir() and not (folder / "adapter_config.json").is_file()
-
-
 def is_adapter_dir(path: PathLike) -> bool:
     """True for a PEFT adapter directory (it holds ``adapter_config.json``)."""
     return (Path(path) / "adapter_config.json").is_file()
@@ -281,7 +275,7 @@ class SafetensorsStreamWriter:
                 raise ValueError(f"{self.path}: tensor {key} has dtype {part.dtype}, expected {dtype}")
             if part.numel():
                 data = part.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-                self._handle.write(memoryview(data))
+                self._handle.write(memoryview(data))  # type: ignore[arg-type]
                 written += data.nbytes
         if written != nbytes:
             raise ValueError(f"{self.path}: tensor {key} got {written} bytes, expected {nbytes} for {tuple(shape)}")

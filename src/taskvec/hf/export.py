@@ -414,7 +414,9 @@ def merge_to_directory(
     weights = open_weights(base_path, allow_pickle=allow_pickle)
     sources = [_source(v, weights, base_path, allow_pickle) for v in vectors]
     _check_sources(sources, weights, base_path)
-    learned = _learned(Path(coefficients), sources, weights) if method == "learned" else None
+    learned = None
+    if method == "learned" and coefficients is not None:
+        learned = _learned(Path(coefficients), sources, weights)
     blocks = _base_blocks(weights)
     covered = [k for k in blocks if any(k in s.shapes for s in sources)]
     thresholds = streaming_thresholds(sources, covered, density, chunk_elements) if method == "ties" else None

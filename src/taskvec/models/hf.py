@@ -81,7 +81,7 @@ def quiet_transformers() -> Iterator[None]:
 class HFClipVision(nn.Module):
     """CLIP's image side: ``visual_projection(vision_model(pixels).pooler_output)``, unnormalised."""
 
-    def __init__(self, clip: nn.Module) -> None:
+    def __init__(self, clip: Any) -> None:  # a transformers CLIPModel
         super().__init__()
         self.vision_model = clip.vision_model
         self.visual_projection = clip.visual_projection
@@ -114,7 +114,7 @@ def _hf_clip(*, pretrained: bool = True, path: PathLike | str | None = None, see
     return vision.requires_grad_(True)
 
 
-def clip_text_encoder(clip: nn.Module, tokenizer: Callable[..., Any]) -> Callable[[list[str]], Tensor]:
+def clip_text_encoder(clip: Any, tokenizer: Callable[..., Any]) -> Callable[[list[str]], Tensor]:
     """texts -> CLIP text embeddings (projected, unnormalised) through the frozen text tower."""
 
     @torch.no_grad()
@@ -138,7 +138,7 @@ class HFTextEncoder(nn.Module):
     checkpoint's and task vectors made from encoder directories apply directly.
     """
 
-    def __init__(self, model: nn.Module, max_length: int = TEXT_MAX_LENGTH) -> None:
+    def __init__(self, model: Any, max_length: int = TEXT_MAX_LENGTH) -> None:  # a transformers PreTrainedModel
         super().__init__()
         direct = [name for name, _ in model.named_parameters(recurse=False)]
         if direct:
@@ -224,7 +224,7 @@ def zero_shot_head(
 
 
 def clip_zero_shot_head(
-    clip: nn.Module, tokenizer: Callable[..., Any], class_names: Sequence[str], templates: Sequence[str]
+    clip: Any, tokenizer: Callable[..., Any], class_names: Sequence[str], templates: Sequence[str]
 ) -> LinearHead:
     """CLIP's zero-shot head, scaled by the model's own ``logit_scale.exp()``."""
     scale = float(clip.logit_scale.detach().exp())
