@@ -54,6 +54,7 @@ def test_adapter_equals_peft_merge(base, tmp_path, config):
     out = tmp_path / "lora.safetensors"
     assert main(["vector", "make", str(base_dir), str(tmp_path / "adapter"), "-o", str(out)]) == 0
     assert _max_diff(load_task_vector(out).apply_to(model), oracle) <= 1e-6
+    assert main(["vector", "info", str(out)]) == 0
 
 
 def test_fan_in_fan_out_gpt2(tmp_path):
