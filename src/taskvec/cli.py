@@ -22,6 +22,7 @@ examples:
   taskvec bank list                              # what the bank holds, accuracy before/after
   taskvec vector make base.safetensors ft.safetensors -o tau.safetensors --dtype bf16
   taskvec vector info tau.safetensors
+  taskvec merge base_dir tau.safetensors ft_dir adapter_dir --method ties -o merged_dir
   taskvec bench step                             # coefficient step vs fine-tuning step, time and memory
 """
 
@@ -45,8 +46,17 @@ def _print_table(rows: list[dict], columns: Sequence[str] | None = None) -> None
 
 
 def _vector_make(args: argparse.Namespace) -> int:
+    from taskvec.hf.checkpoints import is_adapter_dir
     from taskvec.vectors import TaskVector
 
+    if is_adapter_dir(args.finetuned):  # a PEFT LoRA adapter: an exact LoRA task vector
+        from taskvec.hf.adapters import load_adapter
+
+        lora = load_adapter(args.finetuned, args.base, name=args.name or Path(args.finetuned).name,
+                            base_model_name_or_path=args.adapter_base)
+        lora = lora.to(DTYPES[args.dtype]) if args.dtype else lora
+        print(f"wrote {lora.save(args.output)}: {lora}")
+        return 0
     vector = TaskVector.from_checkpoints(
         args.base, args.finetuned, name=args.name or Path(args.finetuned).stem, allow_pickle=args.allow_pickle
     )
@@ -64,7 +74,7 @@ def _vector_info(args: argparse.Namespace) -> int:
         for key, value in sorted(vector.metadata.items()):
             if key not in ("order", "shapes", "scales", "fingerprint_blocks"):
                 print(f"  {key}: {value}")
-        print(f"  norm: {vector.norm():.6g}")
+        print(f"  norm: {(vector.to_dense() if hasattr(vector, 'to_dense') else vector).norm():.6g}")
     return 0
 
 
@@ -162,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument(
         "--allow-pickle", action="store_true", help="allow full unpickling of .pt/.bin files (only for trusted files)"
     )
+    make.add_argument("--adapter-base", default=None, metavar="NAME",
+                      help="refuse a PEFT adapter whose base_model_name_or_path is not NAME")
     make.set_defaults(run=_vector_make)
     info = vector.add_parser("info", help="print a task vector's metadata and norm")
     info.add_argument("files", nargs="+")
@@ -207,11 +219,108 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="results directory (default: %(default)s)")
     demo.set_defaults(run=_demo)
 
+    _add_hf_commands(commands)
+
     run = commands.add_parser("run", help="the paper's experiments as recipes (tables, JSON, plots)")
     recipes = run.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
     for name in RECIPES:
         import_module(f"taskvec.recipes.{name}").register_cli(recipes)
     return parser
+
+
+# -- Hugging Face: merge into a model directory, convert old pickles ------------------------------
+
+_MERGE_KEYS = ("base", "vectors", "method", "alpha", "density", "drop_rate", "seed", "coefficients", "output",
+               "force", "max_shard_size")
+
+
+def _merge_config(path: Path) -> dict:
+    """A mergekit-style YAML/JSON merge file; relative paths are taken from the file's own directory."""
+    import json
+
+    import yaml
+
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: not a readable merge config ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a merge config is a mapping with keys {list(_MERGE_KEYS)}")
+    unknown = sorted(set(data) - set(_MERGE_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {list(_MERGE_KEYS)}")
+    for key in ("base", "vectors", "output"):
+        if not data.get(key):
+            raise ValueError(f"{path}: '{key}' is required")
+    vectors = data["vectors"]
+    if not isinstance(vectors, list):
+        raise ValueError(f"{path}: 'vectors' must be a list of paths")
+
+    def here(item: object) -> Path:
+        item = Path(str(item)).expanduser()
+        return item if item.is_absolute() else path.parent / item
+
+    data["base"], data["output"] = here(data["base"]), here(data["output"])
+    data["vectors"] = [here(v) for v in vectors]
+    if data.get("coefficients"):
+        data["coefficients"] = here(data["coefficients"])
+    return data
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from taskvec.hf.export import merge_to_directory
+
+    if args.config is not None:
+        if args.paths or args.output:
+            raise ValueError("give either --config or BASE VECTOR... -o OUT_DIR, not both")
+        spec = _merge_config(args.config)
+        spec["force"] = bool(spec.get("force")) or args.force
+    else:
+        if len(args.paths) < 2 or args.output is None:
+            raise ValueError("taskvec merge needs BASE, at least one VECTOR and -o OUT_DIR (or --config FILE)")
+        spec = {"base": args.paths[0], "vectors": args.paths[1:], "output": args.output, "method": args.method,
+                "alpha": args.alpha, "density": args.density, "drop_rate": args.drop_rate, "seed": args.seed,
+                "coefficients": args.coefficients, "force": args.force, "max_shard_size": args.max_shard_size}
+    spec = {k: v for k, v in spec.items() if v is not None}
+    out = merge_to_directory(spec.pop("base"), spec.pop("vectors"), spec.pop("output"), **spec)
+    print(f"wrote {out}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from taskvec.hf.unpickle import convert_pickle
+
+    path = convert_pickle(args.source, args.output, strip_prefix=args.strip_prefix)
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_hf_commands(commands) -> None:
+    merge = commands.add_parser(
+        "merge", help="merge task vectors into a base and write a Hugging Face model directory",
+        description="BASE is a model directory or file; each VECTOR is a task-vector file, a fine-tuned model "
+        "directory or a PEFT adapter directory. sum: theta_0 + alpha * sum tau_i.",
+    )
+    merge.add_argument("paths", nargs="*", metavar="BASE VECTOR", help="base, then one or more vectors")
+    merge.add_argument("--config", type=Path, default=None, help="a YAML/JSON merge file instead of arguments")
+    merge.add_argument("--method", choices=["sum", "ties", "dare", "dare_ties", "learned"], default="sum")
+    merge.add_argument("--alpha", type=float, default=1.0, help="scale of the merged vector (default: 1)")
+    merge.add_argument("--density", type=float, default=0.2, help="TIES: fraction kept per vector (default: 0.2)")
+    merge.add_argument("--drop-rate", type=float, default=0.9, help="DARE: drop probability (default: 0.9)")
+    merge.add_argument("--seed", type=int, default=0, help="DARE: seed of the drop masks (default: 0)")
+    merge.add_argument("--coefficients", type=Path, default=None, help="learned: a Composer coefficients file")
+    merge.add_argument("--max-shard-size", default="5GB", help="shard the safetensors above this (default: 5GB)")
+    merge.add_argument("-o", "--output", type=Path, default=None, help="output model directory")
+    merge.add_argument("--force", action="store_true", help="replace an existing output directory")
+    merge.set_defaults(run=_merge)
+    convert = commands.add_parser(
+        "convert", help="old torch.save(model) pickle -> safetensors, through a restricted unpickler"
+    )
+    convert.add_argument("source", type=Path, help="a .pt file from torch.save (module or state dict)")
+    convert.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors file")
+    convert.add_argument("--strip-prefix", default="", help="drop this leading key part (e.g. 'model.')")
+    convert.set_defaults(run=_convert)
 
 
 # Each recipe module exposes register_cli(subparsers) adding `taskvec run <name>`.

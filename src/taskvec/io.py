@@ -74,6 +74,10 @@ def load_state_dict(path: PathLike, *, allow_pickle: bool = False) -> dict[str, 
     ``allow_pickle=True`` permits full unpickling of files that ``weights_only`` refuses: only for
     files you trust, since unpickling can run arbitrary code.
     """
+    if Path(path).is_dir():  # a Hugging Face model directory, possibly sharded
+        from taskvec.hf.checkpoints import load_model_state_dict
+
+        return load_model_state_dict(path, allow_pickle=allow_pickle)
     file = _resolve(Path(path))
     if _is_safetensors(file):
         try:

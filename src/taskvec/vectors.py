@@ -300,7 +300,11 @@ class TaskVector(_VectorBase):
         dtype: torch.dtype | None = None,
         allow_pickle: bool = False,
     ) -> TaskVector:
-        """From two checkpoint files (safetensors, or ``.pt``/``.bin`` read with ``weights_only``)."""
+        """From two checkpoint files (safetensors, or ``.pt``/``.bin`` read with ``weights_only``) or two
+        Hugging Face model directories (sharded or not), whose configs must agree on architecture."""
+        from taskvec.hf.checkpoints import check_same_architecture
+
+        check_same_architecture(base_path, finetuned_path)
         base = load_state_dict(base_path, allow_pickle=allow_pickle)
         finetuned = load_state_dict(finetuned_path, allow_pickle=allow_pickle)
         try:

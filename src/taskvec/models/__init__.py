@@ -3,7 +3,7 @@
 Importing this package registers every built-in backbone; pick one with :func:`build_backbone`.
 """
 
-from . import mobilenet_v2, tiny, vit  # noqa: F401  (registration side effects)
+from . import hf, mobilenet_v2, tiny, vit  # noqa: F401  (registration side effects)
 from .mobilenet_v2 import (
     IMAGENET_MEAN,
     IMAGENET_STD,
