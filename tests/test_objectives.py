@@ -331,7 +331,7 @@ def _oracle_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> t
     return _mean(losses)
 
 
-def _sam_point(composer, value_at, theta: torch.Tensor, rho: float) -> torch.Tensor:
+def _sam_point(value_at, theta: torch.Tensor, rho: float) -> torch.Tensor:
     """theta + rho * g / ||g|| with g the gradient of value_at at theta, detached (SAM's ascent)."""
     leaf = theta.detach().clone().requires_grad_(True)
     g = torch.autograd.grad(value_at(leaf), leaf)[0]
@@ -349,8 +349,13 @@ class _Views:
         return x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(self.calls))
 
 
-def _oracle_cases():
-    """name -> (loss_fn, batch, oracle(composer, coefficients) -> value). Heads are fixed seeded linears."""
+def _oracle_cases(composer: Composer):
+    """name -> (loss_fn, batch, oracle(coefficients) -> value), and the augmentation to replay.
+    Heads are fixed seeded linears; the oracles run ``composer`` at explicit coefficients."""
+
+    def _composer_at(coefficients: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        return composer(xs, coefficients=coefficients)
+
     head = _head()
     heads = {"a": _head(4, 1), "b": _head(3, 2)}
     x, x2 = _images(12, 3), _images(10, 4)
@@ -377,14 +382,14 @@ def _oracle_cases():
         kept = [_entropy_row(logits[i]) for i in range(len(x)) if float(_entropy_row(logits[i]).detach()) < margin]
         return _mean(kept)
 
-    margin = _sar_margin(head, x)
+    margin = _sar_margin(composer, head, x)
 
     def sar_value(c):
         # First pass: reliable samples at theta; SAM step on their mean entropy; second pass: the same
         # samples at the perturbed point, kept again if still below the margin.
         logits = head(_composer_at(c, x))
         first = [i for i in range(len(x)) if float(_entropy_row(logits[i]).detach()) < margin]
-        moved = head(_composer_at(_sam_point(None, lambda leaf: reliable_entropy(leaf, margin), c, 0.05), x))
+        moved = head(_composer_at(_sam_point(lambda leaf: reliable_entropy(leaf, margin), c, 0.05), x))
         second = [_entropy_row(moved[i]) for i in first if float(_entropy_row(moved[i]).detach()) < margin]
         return _mean(second)
 
@@ -394,7 +399,7 @@ def _oracle_cases():
         return _oracle_nt_xent(head(_composer_at(c, v1)), head(_composer_at(c, v2)), 0.5).float()
 
     def sam_ce(c):
-        return ce(_sam_point(None, ce, c, 0.05))
+        return ce(_sam_point(ce, c, 0.05))
 
     return {
         "cross_entropy": (cross_entropy(head), (x, y), ce),
@@ -408,17 +413,10 @@ def _oracle_cases():
     }, views
 
 
-_COMPOSER: list[Composer] = []
-
-
-def _composer_at(coefficients: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return _COMPOSER[0](x, coefficients=coefficients)
-
-
-def _sar_margin(head: nn.Module, x: torch.Tensor) -> float:
+def _sar_margin(composer: Composer, head: nn.Module, x: torch.Tensor) -> float:
     """A margin between the smallest and largest entropies at the start, so SAR's filter really filters."""
     with torch.no_grad():
-        values = softmax_entropy(head(_COMPOSER[0](x)))
+        values = softmax_entropy(head(composer(x)))
     return float(values.median())
 
 
@@ -427,11 +425,10 @@ def _sar_margin(head: nn.Module, x: torch.Tensor) -> float:
 )
 def test_objective_value_and_gradient_match_a_hand_computation(name):
     composer = _composer()
-    _COMPOSER[:] = [composer]
     _random = torch.rand(composer.coefficients.shape, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         composer.coefficients.copy_(0.6 * _random)
-    cases, views = _oracle_cases()
+    cases, views = _oracle_cases(composer)
     loss_fn, batch, oracle = cases[name]
     theta = composer.coefficients.detach().clone()
 
@@ -457,11 +454,10 @@ def test_objective_value_and_gradient_match_a_hand_computation(name):
 def test_sar_oracle_case_really_filters():
     """The margin of the SAR cases above keeps some samples and drops others (else the filter is untested)."""
     composer = _composer()
-    _COMPOSER[:] = [composer]
     head, x = _head(), _images(12, 3)
     with torch.no_grad():
         values = softmax_entropy(head(composer(x)))
-    kept = int((values < _sar_margin(head, x)).sum())
+    kept = int((values < _sar_margin(composer, head, x)).sum())
     assert 0 < kept < len(x)
 
 
