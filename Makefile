@@ -25,6 +25,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
+	# Type check of the core modules (files and mode in pyproject's [tool.mypy]).
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -n 2 tests
 
 bench: $(STAMP)

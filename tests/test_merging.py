@@ -92,15 +92,33 @@ def test_bisection_threshold_equals_exact(monkeypatch):
     assert kept == k
 
 
-def test_ties_on_bank_applies_to_base():
+def _ties_by_loops(vectors: list[list[float]], kept: list[list[bool]], alpha: float) -> list[float]:
+    """TIES's elect + disjoint mean on plain lists: entry j of vector k counts when kept[k][j] and nonzero."""
+    merged = []
+    for j in range(len(vectors[0])):
+        values = [vec[j] for vec, keep in zip(vectors, kept, strict=True) if keep[j] and vec[j] != 0]
+        sign = 1.0 if sum(values) >= 0 else -1.0
+        agreeing = [v for v in values if (v > 0) == (sign > 0)]
+        merged.append(alpha * sum(agreeing) / len(agreeing) if agreeing else 0.0)
+    return merged
+
+
+def test_ties_on_bank_equals_a_loop_over_entries():
     base = make_base()
     bank = make_bank(base, 3)
-    merged = ties_merge(bank, density=0.2, alpha=0.7)
+    density, alpha = 0.2, 0.7
+    names = bank[0].names
+    flat = [[x for n in names for x in v[n].reshape(-1).tolist()] for v in bank]
+    k = math.ceil(density * len(flat[0]))
+    # Per vector, over all its blocks together: keep the k largest magnitudes.
+    thresholds = [sorted((abs(x) for x in vec), reverse=True)[k - 1] for vec in flat]
+    kept = [[abs(x) >= t for x in vec] for vec, t in zip(flat, thresholds, strict=True)]
+    assert all(sum(row) == k for row in kept)  # no ties in random data: exactly k kept
+    expected = _ties_by_loops(flat, kept, alpha)
+    merged = ties_merge(bank, density=density, alpha=alpha)
+    got = [x for n in names for x in merged[n].reshape(-1).tolist()]
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-8)
     assert merged.base_fingerprint == bank[0].base_fingerprint
-    for name in merged.names:  # every surviving entry is 0.7 x a mean of original entries
-        assert merged[name].shape == bank[0][name].shape
-    nonzero = sum(int((t != 0).sum()) for t in merged.tensors.values())
-    assert 0 < nonzero <= 3 * math.ceil(0.2 * bank[0].numel())
     merged.apply_to(base)  # fingerprint accepted
 
 
@@ -163,15 +181,26 @@ def test_dare_expectation_is_the_original():
     assert (mean - values[:1000]).abs().mean() < 0.1 * values[:1000].abs().mean()
 
 
-def test_dare_merge_variants():
-    bank = make_bank(make_base(), 3)
-    plain = dare_merge(bank, drop_rate=0.5, alpha=0.4, seed=2)
-    generator = torch.Generator().manual_seed(2)
-    dropped = [dare(v, 0.5, generator) for v in bank]
-    assert torch.allclose(plain["fc.weight"], 0.4 * sum(d["fc.weight"] for d in dropped), atol=1e-6)
-    with_ties = dare_merge(bank, drop_rate=0.5, alpha=0.4, seed=2, ties=True)
-    expected = ties_merge(dropped, density=1.0, alpha=0.4)
-    assert torch.allclose(with_ties["fc.weight"], expected["fc.weight"])
+def test_dare_ties_hand_made_case():
+    vectors = [_vec(V1), _vec(V2), _vec(V3)]
+    # drop_rate 0: DARE keeps everything, so DARE+TIES is the sign-elected disjoint mean of the originals:
+    # sums [2, -2, 1.8, -4, -3.4] -> signs [+, -, +, -, -]; agreeing means [2, -2, 1, -3, -4].
+    assert dare_merge(vectors, drop_rate=0.0, ties=True)["w"].tolist() == [2.0, -2.0, 1.0, -3.0, -4.0]
+    assert dare_merge(vectors, drop_rate=0.0, alpha=0.5, ties=True)["w"].tolist() == [1.0, -1.0, 0.5, -1.5, -2.0]
+    # drop_rate 1/2: the masks are the documented draws (one generator seeded by `seed`, vectors in order,
+    # keep where U >= p), survivors doubled, then the same election and mean, by hand.
+    p, seed, alpha = 0.5, 3, 0.8
+    generator = torch.Generator().manual_seed(seed)
+    masks = [(torch.rand(5, generator=generator) >= p).tolist() for _ in vectors]
+    assert 0 < sum(map(sum, masks)) < 15  # some dropped, some kept
+    rescaled = [[x / (1 - p) if keep else 0.0 for x, keep in zip(v, m, strict=True)]
+                for v, m in zip((V1, V2, V3), masks, strict=True)]
+    expected = _ties_by_loops(rescaled, [[True] * 5] * 3, alpha)
+    got = dare_merge(vectors, drop_rate=p, alpha=alpha, seed=seed, ties=True)["w"].tolist()
+    assert got == pytest.approx(expected, rel=1e-6)
+    # Plain DARE on the same draws is alpha times the sum of the rescaled survivors.
+    plain = dare_merge(vectors, drop_rate=p, alpha=alpha, seed=seed)["w"].tolist()
+    assert plain == pytest.approx([alpha * sum(col) for col in zip(*rescaled, strict=True)], rel=1e-6)
 
 
 def test_errors_name_the_value():

@@ -22,7 +22,6 @@ from taskvec.objectives import (
     softmax_entropy,
     trusted_set,
     trusted_targets,
-    ufm,
     ufm_loss,
 )
 from taskvec.train import Loader, TrainConfig, fit
@@ -216,14 +215,23 @@ def test_negation_sign_and_bound():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_nt_xent_lower_for_aligned_views():
+def test_nt_xent_exact_values():
+    # Two orthonormal pairs, identical views, T = 1/2: each anchor sees its partner at cosine 1 and two
+    # others at cosine 0, so every term is -log(e^2 / (e^2 + 2)).
+    z = torch.eye(2)
+    expected = math.log(math.exp(2.0) + 2.0) - 2.0
+    assert nt_xent(z, z, 0.5).item() == pytest.approx(expected, rel=1e-6)
+    # Arbitrary embeddings against the direct loop; scale-invariant (cosine similarity).
     generator = torch.Generator().manual_seed(0)
-    z = torch.randn(32, 16, generator=generator)
-    aligned = nt_xent(z, z + 0.05 * torch.randn(z.shape, generator=generator))
-    shuffled = nt_xent(z, z[torch.randperm(32, generator=generator)])
-    assert aligned < shuffled
+    z1, z2 = torch.randn(5, 3, generator=generator), torch.randn(5, 3, generator=generator)
+    for temperature in (0.1, 0.5, 2.0):
+        expected_loop = _oracle_nt_xent(z1, z2, temperature)
+        assert nt_xent(z1, z2, temperature).double().item() == pytest.approx(expected_loop.item(), rel=1e-5)
+        assert nt_xent(3 * z1, 0.5 * z2, temperature).item() == pytest.approx(expected_loop.item(), rel=1e-5)
     with pytest.raises(ValueError, match="shape"):
-        nt_xent(z, z[:5])
+        nt_xent(z1, z1[:2])
+    with pytest.raises(ValueError, match="at least 2"):
+        nt_xent(z1[:1], z2[:1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,42 +285,216 @@ def test_ufm_loss_semantics():
 
 
 # ----------------------------------------------------------------------------------------------
-# Every objective trains a composer without NaN
+# Every objective against an independent hand computation, through a composer
 # ----------------------------------------------------------------------------------------------
+# The oracles below are written from the papers' definitions with explicit loops over samples, exp/log
+# instead of log_softmax/cross_entropy, and no code shared with taskvec.objectives. Each takes the
+# coefficients as a leaf, so the same oracle also gives the expected gradient.
 
 
-def _jitter(x: torch.Tensor) -> torch.Tensor:
-    return x + 0.1 * torch.randn_like(x)
+def _softmax_row(row: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(row - row.max())
+    return e / e.sum()
 
 
-def _objectives():
+def _ce_row(row: torch.Tensor, label: int) -> torch.Tensor:
+    return -torch.log(_softmax_row(row)[label])
+
+
+def _entropy_row(row: torch.Tensor) -> torch.Tensor:
+    p = _softmax_row(row)
+    return -(p * torch.log(p)).sum()
+
+
+def _mean(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(values).sum() / len(values)
+
+
+def _oracle_ce(logits, y):
+    return _mean([_ce_row(logits[i], int(y[i])) for i in range(len(y))])
+
+
+def _oracle_entropy(logits):
+    return _mean([_entropy_row(logits[i]) for i in range(logits.shape[0])])
+
+
+def _oracle_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Direct loop: anchor k, partner (k + N) mod 2N, denominator over every j != k."""
+    n = z1.shape[0]
+    z = torch.cat([z1, z2]).double()
+    losses = []
+    for k in range(2 * n):
+        partner = (k + n) % (2 * n)
+        cos = [torch.dot(z[k], z[j]) / (z[k].norm() * z[j].norm()) for j in range(2 * n)]
+        denominator = sum(torch.exp(cos[j] / temperature) for j in range(2 * n) if j != k)
+        losses.append(-torch.log(torch.exp(cos[partner] / temperature) / denominator))
+    return _mean(losses)
+
+
+def _sam_point(value_at, theta: torch.Tensor, rho: float) -> torch.Tensor:
+    """theta + rho * g / ||g|| with g the gradient of value_at at theta, detached (SAM's ascent)."""
+    leaf = theta.detach().clone().requires_grad_(True)
+    g = torch.autograd.grad(value_at(leaf), leaf)[0]
+    return theta + (rho * g / g.norm()).detach()
+
+
+class _Views:
+    """A deterministic augmentation: the k-th call adds the k-th seeded noise (reset to replay)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(self.calls))
+
+
+def _oracle_cases(composer: Composer):
+    """name -> (loss_fn, batch, oracle(coefficients) -> value), and the augmentation to replay.
+    Heads are fixed seeded linears; the oracles run ``composer`` at explicit coefficients."""
+
+    def _composer_at(coefficients: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        return composer(xs, coefficients=coefficients)
+
     head = _head()
     heads = {"a": _head(4, 1), "b": _head(3, 2)}
-    x, x2 = _images(12, 3), _images(12, 4)
+    x, x2 = _images(12, 3), _images(10, 4)
     y = torch.randint(0, 4, (12,), generator=torch.Generator().manual_seed(0))
-    y3 = y % 3
-    targets = torch.full((12,), -1, dtype=torch.long)
-    targets[:4] = torch.tensor([0, 1, 2, 3])
+    y3 = torch.randint(0, 3, (10,), generator=torch.Generator().manual_seed(1))
+    views = _Views()
+
+    def ce(c, xs=x, ys=y, h=head):
+        return _oracle_ce(h(_composer_at(c, xs)), ys)
+
+    def multitask(c):
+        return ce(c, x, y, heads["a"]) + ce(c, x2, y3, heads["b"])
+
+    def negation_clamped(c):
+        target = heads["a"](_composer_at(c, x))
+        terms = [torch.clamp(_ce_row(target[i], int(y[i])), max=math.log(4)) for i in range(len(y))]
+        return -_mean(terms) + ce(c, x2, y3, heads["b"])
+
+    def entropy_value(c):
+        return _oracle_entropy(head(_composer_at(c, x)))
+
+    def reliable_entropy(c, margin):
+        logits = head(_composer_at(c, x))
+        kept = [_entropy_row(logits[i]) for i in range(len(x)) if float(_entropy_row(logits[i]).detach()) < margin]
+        return _mean(kept)
+
+    margin = _sar_margin(composer, head, x)
+
+    def sar_value(c):
+        # First pass: reliable samples at theta; SAM step on their mean entropy; second pass: the same
+        # samples at the perturbed point, kept again if still below the margin.
+        logits = head(_composer_at(c, x))
+        first = [i for i in range(len(x)) if float(_entropy_row(logits[i]).detach()) < margin]
+        moved = head(_composer_at(_sam_point(lambda leaf: reliable_entropy(leaf, margin), c, 0.05), x))
+        second = [_entropy_row(moved[i]) for i in first if float(_entropy_row(moved[i]).detach()) < margin]
+        return _mean(second)
+
+    def simclr_value(c):
+        views.calls = 0
+        v1, v2 = views(x), views(x)
+        return _oracle_nt_xent(head(_composer_at(c, v1)), head(_composer_at(c, v2)), 0.5).float()
+
+    def sam_ce(c):
+        return ce(_sam_point(ce, c, 0.05))
+
     return {
-        "cross_entropy": (cross_entropy(head), (x, y)),
-        "multitask": (multitask_cross_entropy(heads), [(x, y, "a"), (x2, y3, "b")]),
-        "negation": (negation(heads["a"], heads["b"]), ((x, y), (x2, y3))),
-        "entropy": (entropy(head), x),
-        "sar": (sar(head, e_margin=math.log(4)), (x, y)),
-        "simclr": (simclr(head, _jitter), x),
-        "ufm": (ufm(head, lambda v: v, _jitter, threshold=0.6), (x, targets)),
-        "sam_cross_entropy": (sharpness_aware(cross_entropy(head)), (x, y)),
-    }
+        "cross_entropy": (cross_entropy(head), (x, y), ce),
+        "multitask": (multitask_cross_entropy(heads), [(x, y, "a"), (x2, y3, "b")], multitask),
+        "negation": (negation(heads["a"], heads["b"]), ((x, y), (x2, y3)), negation_clamped),
+        "entropy": (entropy(head), x, entropy_value),
+        "sar_no_sam": (sar(head, e_margin=margin, rho=0.0), (x, y), lambda c: reliable_entropy(c, margin)),
+        "sar": (sar(head, e_margin=margin, rho=0.05), (x, y), sar_value),
+        "simclr": (simclr(head, views), x, simclr_value),
+        "sam_cross_entropy": (sharpness_aware(cross_entropy(head), 0.05), (x, y), sam_ce),
+    }, views
 
 
-@pytest.mark.parametrize("name", list(_objectives()))
-def test_objective_trains_a_composer(name):
-    loss_fn, batch = _objectives()[name]
+def _sar_margin(composer: Composer, head: nn.Module, x: torch.Tensor) -> float:
+    """A margin between the smallest and largest entropies at the start, so SAR's filter really filters."""
+    with torch.no_grad():
+        values = softmax_entropy(head(composer(x)))
+    return float(values.median())
+
+
+@pytest.mark.parametrize(
+    "name", ["cross_entropy", "multitask", "negation", "entropy", "sar_no_sam", "sar", "simclr", "sam_cross_entropy"]
+)
+def test_objective_value_and_gradient_match_a_hand_computation(name):
     composer = _composer()
-    before = composer.coefficients.detach().clone()
-    result = fit(composer, loss_fn, Loader(lambda generator: [batch, batch], steps=2),
-                 TrainConfig(epochs=2, lr=0.05, progress=False))
-    losses = [record.loss for record in result.history]
-    assert all(math.isfinite(value) for value in losses)
-    assert torch.isfinite(composer.coefficients).all()
-    assert not torch.equal(composer.coefficients.detach(), before)
+    _random = torch.rand(composer.coefficients.shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        composer.coefficients.copy_(0.6 * _random)
+    cases, views = _oracle_cases(composer)
+    loss_fn, batch, oracle = cases[name]
+    theta = composer.coefficients.detach().clone()
+
+    leaf = theta.clone().requires_grad_(True)
+    expected = oracle(leaf)
+    expected_grad = torch.autograd.grad(expected, leaf)[0]
+    views.calls = 0
+    got = loss_fn(composer, batch)
+    got.backward()
+    assert torch.allclose(got.detach(), expected.detach(), rtol=1e-5, atol=1e-6), (float(got), float(expected))
+    assert torch.allclose(composer.coefficients.grad, expected_grad, rtol=1e-4, atol=1e-6)
+    assert float(expected_grad.abs().sum()) > 0  # the objective does reach the coefficients
+
+    # One plain SGD step through fit lands exactly where the hand gradient says.
+    composer.coefficients.grad = None
+    views.calls = 0
+    fit(composer, loss_fn, Loader(lambda generator: [batch], steps=1),
+        TrainConfig(epochs=1, lr=0.1, max_grad_norm=None, warmup_fraction=0.0, progress=False),
+        optimizer_factory=lambda params: torch.optim.SGD(params, lr=0.1))
+    assert torch.allclose(composer.coefficients.detach(), theta - 0.1 * expected_grad, atol=1e-6)
+
+
+def test_sar_oracle_case_really_filters():
+    """The margin of the SAR cases above keeps some samples and drops others (else the filter is untested)."""
+    composer = _composer()
+    head, x = _head(), _images(12, 3)
+    with torch.no_grad():
+        values = softmax_entropy(head(composer(x)))
+    kept = int((values < _sar_margin(composer, head, x)).sum())
+    assert 0 < kept < len(x)
+
+
+def _oracle_ufm_loss(weak, strong, targets, threshold, hard):
+    """UFM (aTLAS's unsupervised FixMatch) per sample: target = one-hot trusted label, else the weak
+    view's softmax (or its argmax one-hot); kept when the target's largest entry exceeds the
+    threshold; loss = -sum_c target_c log softmax(strong)_c; mean over kept samples, 0 when none."""
+    total, kept = torch.zeros((), dtype=torch.float64), 0
+    classes = weak.shape[1]
+    for i in range(weak.shape[0]):
+        if targets is not None and int(targets[i]) >= 0:
+            target = torch.zeros(classes, dtype=torch.float64)
+            target[int(targets[i])] = 1.0
+        else:
+            target = _softmax_row(weak[i].double())
+            if hard:
+                one = torch.zeros(classes, dtype=torch.float64)
+                one[int(target.argmax())] = 1.0
+                target = one
+        if float(target.max()) > threshold:
+            total = total - (target * torch.log(_softmax_row(strong[i].double()))).sum()
+            kept += 1
+    return total / max(kept, 1)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("threshold", [0.0, 0.6, 0.95])
+def test_ufm_loss_matches_a_per_sample_loop(threshold, hard):
+    generator = torch.Generator().manual_seed(5)
+    weak = torch.randn(20, 4, generator=generator) * 3
+    strong = torch.randn(20, 4, generator=generator)
+    targets = torch.full((20,), -1, dtype=torch.long)
+    targets[[2, 7, 11]] = torch.tensor([3, 0, 1])
+    for t in (None, targets):
+        got = ufm_loss(weak, strong, t, threshold=threshold, hard=hard)
+        expected = _oracle_ufm_loss(weak, strong, t, threshold, hard)
+        assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-6), (threshold, hard, t is None)
+    # The cases above are not degenerate: some samples kept, and (above 0) some dropped.
+    confidence = weak.softmax(-1).max(-1).values
+    assert 0 < int((confidence > threshold).sum()) <= 20

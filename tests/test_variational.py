@@ -26,6 +26,7 @@ from taskvec.variational import (
     kl_warmup,
     plot_kept_fraction,
     sample_binary_concrete,
+    sample_coefficients,
     spike_slab_kl,
 )
 from taskvec.vectors import LoraTaskVector, TaskVector, parameter_blocks
@@ -336,10 +337,62 @@ def test_save_load_roundtrip_and_kept_fraction_plot(base, bank, images, tmp_path
         plot_kept_fraction(fraction, model.column_labels, ["a", "b"], tmp_path / "bad.png")
 
 
-def test_sampling_in_training_mode_is_stochastic(base, bank, images):
-    model = _model(base, bank, "vmap").train()
-    assert not torch.equal(model(images), model(images))
-    assert torch.equal(model(images, sample=False), model.eval()(images))
+def test_sampler_follows_its_definition_in_distribution():
+    """c = z * lambda, lambda ~ N(mu, sigma^2), z = sigmoid((logit + L) / T) with L ~ Logistic(0, 1)."""
+    n, T = 200_000, 0.5
+    generator = torch.Generator().manual_seed(4)
+    ones = torch.ones(n, dtype=torch.float64)  # float64: z stays strictly inside (0, 1) for the logit below
+
+    def full(value: float) -> torch.Tensor:
+        return value * ones
+
+    # sigma -> 0 isolates the gate: z = c / mu, and T * logit(z) - logit(p) must be standard logistic.
+    p, mu = 0.3, 2.0
+    spike_only = SpikeSlab(mu * ones, full(-80.0), full(_logit(p)))
+    z = sample_coefficients(spike_only, T, generator) / mu
+    noise = T * (torch.log(z) - torch.log1p(-z)) - _logit(p)
+    assert abs(float(noise.mean())) < 0.03  # logistic: mean 0, variance pi^2 / 3
+    assert abs(float(noise.var()) - math.pi**2 / 3) < 0.05
+    assert abs(float((z > 0.5).float().mean()) - p) < 0.005  # P(z > 1/2) = p at any temperature
+    # logit -> inf opens the gate (z = 1): c is the slab itself, N(mu, sigma^2).
+    sigma = 0.7
+    slab_only = SpikeSlab(mu * ones, full(2 * math.log(sigma)), full(80.0))
+    c = sample_coefficients(slab_only, T, generator)
+    assert abs(float(c.mean()) - mu) < 0.01 and abs(float(c.std()) - sigma) < 0.01
+    third = float(((c - mu) ** 3).mean()) / sigma**3
+    assert abs(third) < 0.03  # symmetric, as a Gaussian
+    # Both together: z and lambda independent, so E[c] = E[z] * mu with E[z] from the gate-only draw.
+    both = SpikeSlab(mu * ones, full(2 * math.log(sigma)), full(_logit(p)))
+    mixed = sample_coefficients(both, T, generator)
+    assert abs(float(mixed.mean()) - float(z.mean()) * mu) < 0.02
+
+
+def test_training_forward_composes_the_sampled_coefficients(base, bank, images):
+    """In training mode the output is the per-sample composition at a draw of the sampler (same global
+    seed, same draw); with sample=False it is the composition at mu where the gate keeps, else 0."""
+    model = _model(base, bank, "vmap", p_threshold=0.5, uncertainty_threshold=1.0).train()
+    with torch.no_grad():
+        posterior = model.posterior(images)
+    torch.manual_seed(21)
+    out = model(images)
+    torch.manual_seed(21)
+    drawn = sample_coefficients(posterior, model.config.temperature)
+    assert torch.allclose(out, _loop(model.composer, images, drawn), atol=1e-5)
+    torch.manual_seed(22)
+    assert not torch.allclose(model(images), out, atol=1e-3)  # another draw, another output
+
+    # The gate by its definition, element by element.
+    p, mu, std = posterior.inclusion, posterior.mu, posterior.std
+    gated = torch.zeros_like(mu)
+    for index in torch.cartesian_prod(*(torch.arange(k) for k in mu.shape)).tolist():
+        i = tuple(index)
+        relative = float(std[i]) / abs(float(mu[i])) if float(mu[i]) != 0 else math.inf
+        if float(p[i]) >= 0.5 and relative <= 1.0:
+            gated[i] = mu[i]
+    assert 0 < int((gated != 0).sum()) < gated.numel()  # the gate keeps some and drops some here
+    deterministic = model(images, sample=False)
+    assert torch.allclose(deterministic, _loop(model.composer, images, gated), atol=1e-5)
+    assert torch.equal(deterministic, model.eval()(images))
 
 
 def test_vmap_runner_handles_linearised_composer_linear_runner_refuses(base, bank, images):

@@ -12,6 +12,7 @@ import copy
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +67,14 @@ class _Bank(nn.Module):
         return getattr(self, key)
 
 
+class _BlockPlan(TypedDict):
+    """How one block is composed: which vectors are dense, which LoRA, and the column of a 1-part block."""
+
+    dense: list[int]
+    lora: list[int]
+    column: int
+
+
 class Composer(nn.Module):
     """A frozen base network plus a bank of task vectors, with trainable ``coefficients``.
 
@@ -110,7 +119,7 @@ class Composer(nn.Module):
         self.vector_names = [vector.name or f"vector_{i}" for i, vector in enumerate(vectors)]
         self.layout = Layout({name: base_blocks[name].shape for name in wanted}, granularity)
         self._bank = _Bank()
-        self._plan: dict[str, dict[str, object]] = {}
+        self._plan: dict[str, _BlockPlan] = {}
         for position, name in enumerate(wanted):
             self._plan[name] = self._stack_block(position, name, vectors)
             parts = self.layout.blocks[name]
@@ -123,19 +132,20 @@ class Composer(nn.Module):
 
     # -- construction helpers ------------------------------------------------------------------
 
-    def _stack_block(self, position: int, name: str, vectors: Sequence[AnyTaskVector]) -> dict[str, object]:
+    def _stack_block(self, position: int, name: str, vectors: Sequence[AnyTaskVector]) -> _BlockPlan:
         dense = [i for i, v in enumerate(vectors) if isinstance(v, TaskVector) and name in v.names]
-        lora = [i for i, v in enumerate(vectors) if isinstance(v, LoraTaskVector) and name in v.names]
-        plan: dict[str, object] = {"dense": dense, "lora": lora, "column": int(self.layout.blocks[name].columns[0])}
+        loras = {i: v for i, v in enumerate(vectors) if isinstance(v, LoraTaskVector) and name in v.names}
+        lora = list(loras)
+        plan: _BlockPlan = {"dense": dense, "lora": lora, "column": int(self.layout.blocks[name].columns[0])}
         if dense:
             stack = torch.stack([vectors[i].dense_block(name).reshape(-1) for i in dense])
             self._bank.put(f"dense_{position}", stack)
             self._bank.put(f"dense_idx_{position}", torch.tensor(dense, dtype=torch.long))
         if lora:
-            a_cat = torch.cat([vectors[i].factors[name][0] for i in lora])
-            b_cat = torch.cat([vectors[i].factors[name][1] for i in lora], dim=1)
-            owner = torch.cat([torch.full((vectors[i].rank[name],), i, dtype=torch.long) for i in lora])
-            scale = torch.cat([torch.full((vectors[i].rank[name],), vectors[i].scales[name]) for i in lora])
+            a_cat = torch.cat([loras[i].factors[name][0] for i in lora])
+            b_cat = torch.cat([loras[i].factors[name][1] for i in lora], dim=1)
+            owner = torch.cat([torch.full((loras[i].rank[name],), i, dtype=torch.long) for i in lora])
+            scale = torch.cat([torch.full((loras[i].rank[name],), loras[i].scales[name]) for i in lora])
             self._bank.put(f"lora_a_{position}", a_cat)
             self._bank.put(f"lora_b_{position}", b_cat)
             self._bank.put(f"lora_owner_{position}", owner)
@@ -232,7 +242,7 @@ class Composer(nn.Module):
         def at(weights: dict[str, Tensor]):
             return functional_call(self.base, weights, args, kwargs, strict=False)
 
-        output, change = jvp(at, (primals,), (tangents,))
+        output, change = jvp(at, (primals,), (tangents,))[:2]  # (output, tangent); no aux without has_aux
         return output + change
 
     def train(self, mode: bool = True) -> Composer:

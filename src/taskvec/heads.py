@@ -233,7 +233,7 @@ def fit_linear_head(
             loss.backward()
             return loss
 
-        opt.step(closure)
+        opt.step(closure)  # type: ignore[arg-type]  # LBFGS takes float(closure()); torch's stub says float
     elif optimizer == "adam":
         opt = torch.optim.Adam(params, lr=lr)
         for _ in range(epochs):
@@ -275,6 +275,9 @@ class TipAdapter(nn.Module):
     the base head's logits. ``trainable=True`` makes the keys a parameter (Tip-Adapter-F): train it
     with :func:`taskvec.train.fit` and ``objectives.cross_entropy(None)`` on ``(features, y)`` batches.
     """
+
+    keys: Tensor  # a parameter (Tip-Adapter-F) or a buffer
+    values: Tensor
 
     def __init__(
         self,

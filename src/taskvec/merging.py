@@ -14,7 +14,9 @@ float bit pattern, which stays exact and never materialises the flattened vector
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
@@ -210,7 +212,9 @@ def dare_merge(
         tensors = _ties_blocks(dropped, [0.0] * len(dropped), majority, float(alpha))
     else:
         tensors = {
-            name: (sum(v.tensors[name].to(torch.float32) for v in dropped) * alpha).to(dense[0].tensors[name].dtype)
+            name: (functools.reduce(operator.add, [v.tensors[name].to(torch.float32) for v in dropped]) * alpha).to(
+                dense[0].tensors[name].dtype
+            )
             for name in dense[0].names
         }
     kind = "dare_ties" if ties else "dare"

@@ -26,7 +26,9 @@ parameters themselves never move: any optimizer in ``fit`` applies the SAM updat
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -102,7 +104,7 @@ def _zero(like: Tensor) -> Tensor:
     return like.sum() * 0.0
 
 
-def _trainable(model: nn.Module) -> dict[str, Tensor]:
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(f"{type(model).__name__} has no parameter that requires grad")
@@ -276,9 +278,9 @@ def sam_perturbation(loss: Tensor, params: Mapping[str, Tensor], rho: float) -> 
     """SAM's ascent step ``rho * g / ||g||`` (global norm over ``params``), detached; ``None`` when the
     gradient is zero or not finite (then there is no direction to perturb in)."""
     names = list(params)
-    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-    grads = [torch.zeros_like(params[n]) if g is None else g.detach() for n, g in zip(names, grads, strict=True)]
-    norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
+    raw = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    grads = [torch.zeros_like(params[n]) if g is None else g.detach() for n, g in zip(names, raw, strict=True)]
+    norm = torch.sqrt(functools.reduce(operator.add, [g.float().pow(2).sum() for g in grads]))
     if not torch.isfinite(norm) or float(norm) == 0.0:
         return None
     return {n: (g * (rho / (norm + 1e-12))).to(g.dtype) for n, g in zip(names, grads, strict=True)}
