@@ -401,8 +401,7 @@ def _read_cache(path: Path, spec: TextTaskSpec) -> tuple[TextRaw, dict[str, Any]
     wanted = spec.decoded_sha256 or stored
     if actual != stored or actual != wanted:
         warnings.warn(
-            f"{path}: decoded text cache is corrupt (sha256 {actual}, expected {wanted}); "
-            f"decoding {spec.source} again",
+            f"{path}: decoded text cache is corrupt (sha256 {actual}, expected {wanted}); decoding {spec.source} again",
             stacklevel=3,
         )
         return None
@@ -446,9 +445,7 @@ def load_text_raw(task: str | TextTaskSpec, *, fetch: bool = True) -> TextRaw:
 # splits
 
 
-def split_text_task(
-    spec: TextTaskSpec, raw: TextRaw, sizes: SplitSizes | None = None, seed: int = 0
-) -> TextTask:
+def split_text_task(spec: TextTaskSpec, raw: TextRaw, sizes: SplitSizes | None = None, seed: int = 0) -> TextTask:
     """Stratified, disjoint train / val / test splits of ``raw`` under ``seed`` (sizes: the spec's)."""
     sizes = sizes or spec.sizes
     n = len(raw.texts)
@@ -463,7 +460,12 @@ def split_text_task(
     pool = TextSet(list(raw.texts), labels)
     itr, iva, ite = stratified_split(labels, [ntr, nva, nte], seed)
     return TextTask(
-        spec.name, list(spec.classes), spec.template, pool.subset(itr), pool.subset(iva), pool.subset(ite),
+        spec.name,
+        list(spec.classes),
+        spec.template,
+        pool.subset(itr),
+        pool.subset(iva),
+        pool.subset(ite),
         zero_shot=spec.zero_shot,
     )
 
@@ -482,4 +484,3 @@ def few_shot_texts(split: TextSet, k: int, seed: int) -> TextSet:
     ``few_shot`` only reads ``.labels`` and calls ``.subset``, which :class:`TextSet` provides.
     """
     return cast(TextSet, few_shot(cast(Any, split), k, seed))
-

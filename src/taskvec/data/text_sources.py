@@ -284,9 +284,7 @@ def strip_format_markers(text: str) -> str:
     return normalize_text(_FORMAT_MARKERS.sub(" ", text))
 
 
-def read_translations(
-    root: Path, labels: Mapping[str, int], classes: list[str], *, min_letters: int = 4
-) -> TextRaw:
+def read_translations(root: Path, labels: Mapping[str, int], classes: list[str], *, min_letters: int = 4) -> TextRaw:
     """Translated strings of every ``<locale>/LC_MESSAGES/*.mo`` under ``root`` for the locales in ``labels``.
 
     Placeholders and HTML are stripped; strings with fewer than ``min_letters`` letters are left out
