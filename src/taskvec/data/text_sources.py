@@ -272,8 +272,9 @@ def read_mo(path: Path) -> list[tuple[str, str]]:
 
 
 _FORMAT_MARKERS = re.compile(
-    r"%\([^)]*\)[-#0 +]*\d*(?:\.\d+)?[a-zA-Z]"  # %(name)s
-    r"|%[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa]"  # %s, %d, %.2f
+    r"%%"  # a literal percent sign (kept as '%')
+    r"|%\([^)]*\)[-#0+]*\d*(?:\.\d+)?[a-zA-Z]"  # %(name)s
+    r"|%[-#0+]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa]"  # %s, %d, %.2f (no space flag: "50 % des" is prose)
     r"|\{[^{}]*\}"  # {name}, {0}
     r"|<[^<>]+>"  # HTML tags
 )
@@ -281,7 +282,7 @@ _FORMAT_MARKERS = re.compile(
 
 def strip_format_markers(text: str) -> str:
     """Remove printf / brace placeholders and HTML tags, so a message is plain language only."""
-    return normalize_text(_FORMAT_MARKERS.sub(" ", text))
+    return normalize_text(_FORMAT_MARKERS.sub(lambda m: "%" if m.group(0) == "%%" else " ", text))
 
 
 def read_translations(root: Path, labels: Mapping[str, int], classes: list[str], *, min_letters: int = 4) -> TextRaw:
