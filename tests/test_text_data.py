@@ -350,7 +350,7 @@ def test_real_task_matches_its_pins(name, monkeypatch):
     spec = TEXT_TASKS[name]
     assert text_digest(raw) == spec.decoded_sha256
     assert len(raw.classes) == len(spec.classes)
-    task = load_text_task(name)
+    task = load_text_task(name, fetch=False)
     texts = [set(s.texts) for s in (task.train, task.val, task.test)]
     assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
     assert all(len(t) == len(s) for t, s in zip(texts, (task.train, task.val, task.test), strict=True))

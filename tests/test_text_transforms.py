@@ -89,6 +89,27 @@ def test_batches_match_the_tokenizers_own_padding(tokenizer):
     assert batches[2]["input_ids"].shape[1] == len(tokenizer(TEXTS[6])["input_ids"])  # padded to its own longest
 
 
+class WordTokenizer:
+    """The Hugging Face call interface on whitespace words (ids = word lengths + 10), no transformers needed."""
+
+    pad_token_id = 0
+
+    def __call__(self, texts, *, truncation, max_length, padding):
+        assert truncation and padding is False
+        return {"input_ids": [[1, *[10 + len(w) for w in t.split()][: max_length - 2], 2] for t in texts]}
+
+
+def test_batches_pad_each_row_to_the_batch_longest_without_transformers():
+    texts = ["a bb ccc", "dddd", "", "e " * 50]
+    batches = list(text_batches(texts, [3, 1, 0, 2], WordTokenizer(), batch_size=2, max_length=8))
+    (b0, b1) = batches
+    assert b0["input_ids"].tolist() == [[1, 11, 12, 13, 2], [1, 14, 2, 0, 0]]
+    assert b0["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert b1["input_ids"].tolist() == [[1, 2, 0, 0, 0, 0, 0, 0], [1, 11, 11, 11, 11, 11, 11, 2]]
+    assert b1["attention_mask"].sum(1).tolist() == [2, 8]
+    assert [b["labels"].tolist() for b in batches] == [[3, 1], [0, 2]]
+
+
 def test_shuffle_is_seeded_and_covers_every_text(tokenizer):
     tok = TokenizedTexts(TEXTS, None, tokenizer, max_length=16)
     order = lambda **kw: torch.cat([b["index"] for b in tok.batches(2, **kw)]).tolist()  # noqa: E731
