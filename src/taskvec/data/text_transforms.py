@@ -82,13 +82,14 @@ class TokenizedTexts:
         pad_id = getattr(tokenizer, "pad_token_id", None)
         if pad_id is None:
             raise ValueError(f"tokenizer {type(tokenizer).__name__} has no pad_token_id: cannot pad batches")
+        self.labels: torch.Tensor | None = None
         if labels is not None:
-            labels = torch.as_tensor(labels, dtype=torch.int64)
-            if labels.shape != (len(texts),):
-                raise ValueError(f"{tuple(labels.shape)} labels for {len(texts)} texts")
+            lab = torch.as_tensor(labels, dtype=torch.int64)
+            if lab.shape != (len(texts),):
+                raise ValueError(f"{tuple(lab.shape)} labels for {len(texts)} texts")
+            self.labels = lab
         enc = tokenizer(texts, truncation=True, max_length=max_length, padding=False) if texts else {"input_ids": []}
         self.ids: list[list[int]] = [list(map(int, s)) for s in enc["input_ids"]]
-        self.labels = labels
         self.pad_id = int(pad_id)
         self.max_length = max_length
 
