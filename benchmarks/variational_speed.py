@@ -130,9 +130,7 @@ def gflops(fn: Callable[[], None]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def measure(
-    cases: list[tuple[str, str, Callable[[], None]]], rounds: int, seconds: float
-) -> list[tuple[float, float]]:
+def measure(cases: list[tuple[str, str, Callable[[], None]]], rounds: int, seconds: float) -> list[tuple[float, float]]:
     """(best wall ms, its CPU ms) per case, round-robin after one warm-up round.
 
     At least ``rounds`` rounds, more until ``seconds`` have passed: on a shared CPU the minimum of many
@@ -174,13 +172,25 @@ def run(
                     # FlopCounterMode miscounts the backward of vmap's batched (grouped) convolutions,
                     # so only forward passes get a count.
                     flop = gflops(fn) if mode == "infer" else float("nan")
-                    row = {"method": label, "mode": mode, "model": name, "batch": batch, "n": n,
-                           "ms": ms, "cpu_ms": cpu, "ratio": cpu / floor, "gflop": flop,
-                           "mb": extra_weights_mb(label, composer, batch)}
+                    row = {
+                        "method": label,
+                        "mode": mode,
+                        "model": name,
+                        "batch": batch,
+                        "n": n,
+                        "ms": ms,
+                        "cpu_ms": cpu,
+                        "ratio": cpu / floor,
+                        "gflop": flop,
+                        "mb": extra_weights_mb(label, composer, batch),
+                    }
                     rows.append(row)
                     shown = f"{flop:>7.2f}" if mode == "infer" else f"{'-':>7}"
-                    print(f"{label:<9} {mode:<5} {name:<12} {batch:>5} {n:>3} {ms:>10.1f} {cpu:>9.1f} "
-                          f"{row['ratio']:>7.2f} {shown} {row['mb']:>10.1f}", flush=True)
+                    print(
+                        f"{label:<9} {mode:<5} {name:<12} {batch:>5} {n:>3} {ms:>10.1f} {cpu:>9.1f} "
+                        f"{row['ratio']:>7.2f} {shown} {row['mb']:>10.1f}",
+                        flush=True,
+                    )
     return rows
 
 

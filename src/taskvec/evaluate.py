@@ -62,3 +62,20 @@ def accuracy(
     """Top-1 accuracy of ``head(model(x))`` on ``split``."""
     predicted = logits(model, head, split, resolution, batch_size=batch_size, **norm).argmax(-1)
     return float((predicted == split.labels.cpu()).float().mean())
+
+
+def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean per-class recall over the classes present in ``labels``.
+
+    Why: on imbalanced tasks (WordNet, fortunes, drug reviews: majority class 22-39 %) plain accuracy
+    rewards predicting the big class; this weighs every class the same. Classes that occur only in
+    ``predicted`` are ignored, as in scikit-learn's ``balanced_accuracy_score``.
+    """
+    predicted, labels = torch.as_tensor(predicted).flatten().cpu(), torch.as_tensor(labels).flatten().cpu()
+    if predicted.shape != labels.shape:
+        raise ValueError(f"balanced_accuracy: {predicted.numel()} predictions for {labels.numel()} labels")
+    if labels.numel() == 0:
+        raise ValueError("balanced_accuracy: no labels")
+    classes = torch.unique(labels)
+    recalls = [(predicted[labels == c] == c).double().mean() for c in classes]
+    return float(torch.stack(recalls).mean())

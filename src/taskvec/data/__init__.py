@@ -28,34 +28,60 @@ fall in the same split in both styles (only their few duplicate drawings move).
 Exact duplicate images (284 pairs in Animal-MNIST, 14 emoji drawn identically in the Google set, 33 in
 the Twitter set) always land in one split, so no test image has a copy in train or val; a copy of an
 official test image in an official train set would be left out (none in MNIST and Fashion-MNIST).
+
+Text tasks (news, WordNet glosses, fortunes, UI messages, drug reviews, emoji names) live in
+:mod:`taskvec.data.text` (``load_text_task``), their batching and augmentations in
+:mod:`taskvec.data.text_transforms`.
 """
 
 from taskvec.data.registry import DATASETS, DatasetSpec
 from taskvec.data.sources import EMOJI_CATEGORIES, RawData
 from taskvec.data.splits import SplitSizes, few_shot, stratified_split
 from taskvec.data.tasks import available_tasks, image_folder, load_raw, load_task, split_task
+from taskvec.data.text import (
+    GENERIC_TEMPLATE,
+    TEXT_TASKS,
+    TextSet,
+    TextTask,
+    TextTaskSpec,
+    available_text_tasks,
+    few_shot_texts,
+    load_text_task,
+)
+from taskvec.data.text_transforms import TokenizedTexts, augment_texts, text_batches
 from taskvec.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment, batches, denormalize, to_input
 from taskvec.data.types import ImageSet, Task
 
 __all__ = [
     "DATASETS",
     "EMOJI_CATEGORIES",
+    "GENERIC_TEMPLATE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "TEXT_TASKS",
     "DatasetSpec",
     "ImageSet",
     "RawData",
     "SplitSizes",
     "Task",
+    "TextSet",
+    "TextTask",
+    "TextTaskSpec",
+    "TokenizedTexts",
     "augment",
+    "augment_texts",
     "available_tasks",
+    "available_text_tasks",
     "batches",
     "denormalize",
     "few_shot",
+    "few_shot_texts",
     "image_folder",
     "load_raw",
     "load_task",
+    "load_text_task",
     "split_task",
     "stratified_split",
+    "text_batches",
     "to_input",
 ]
