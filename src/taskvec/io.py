@@ -7,6 +7,7 @@ the caller opts in, and an error that names the file when anything is off.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +24,37 @@ PathLike = str | os.PathLike
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, not tensors, or does not match what it is used for."""
+
+
+DIGEST_KEY = "taskvec_sha256"
+"""Metadata key of the sha256 over a safetensors file's tensors and other metadata (see :func:`content_digest`)."""
+
+
+def content_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """sha256 over names, dtypes, shapes and bytes of ``tensors`` and the ``metadata`` pairs.
+
+    Why: safetensors checks its header's structure but not the values, so a flipped bit or an edited
+    metadata entry would otherwise load as different data without a word.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    for key in sorted(metadata or {}):
+        if key != DIGEST_KEY:
+            digest.update(json.dumps([key, str((metadata or {})[key])]).encode())
+    return digest.hexdigest()
+
+
+def verify_digest(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` when its recorded digest does not match (absent: no check)."""
+    recorded = metadata.get(DIGEST_KEY)
+    if recorded is not None and content_digest(tensors, metadata) != recorded:
+        raise CheckpointError(
+            f"{path}: contents do not match the sha256 recorded when it was written (corrupted or edited); "
+            "rewrite or rebuild it"
+        )
 
 
 _SAFETENSORS_NAMES = ("model.safetensors", "pytorch_model.safetensors")
@@ -77,15 +109,25 @@ def load_state_dict(path: PathLike, *, allow_pickle: bool = False) -> dict[str, 
     file = _resolve(Path(path))
     if _is_safetensors(file):
         try:
-            return load_file(str(file))
-        except (SafetensorError, OSError, ValueError) as err:
+            tensors = load_file(str(file))
+            metadata = _raw_metadata(file)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+        verify_digest(file, tensors, metadata)
+        return tensors
     try:
         obj = torch.load(file, map_location="cpu", weights_only=not allow_pickle)
     except Exception as err:
         hint = "" if allow_pickle else " (if you trust it and it needs full pickle, pass allow_pickle=True)"
         raise CheckpointError(f"{file}: cannot be read as a tensor checkpoint: {err}{hint}") from err
     return _unwrap(obj, file)
+
+
+def _default_mode() -> int:
+    """0666 minus the process umask: what ``open(path, "w")`` would create (0644 under umask 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextmanager
@@ -97,6 +139,8 @@ def _atomic_target(path: PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        # mkstemp makes 0600 files; give the result the mode a plain open() would (or the old file's).
+        os.chmod(tmp, target.stat().st_mode & 0o7777 if target.is_file() else _default_mode())
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -107,8 +151,10 @@ def atomic_save_safetensors(
 ) -> Path:
     """Write tensors to ``path`` through a temporary file and a rename, so no reader sees half a file."""
     payload = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items() if k != DIGEST_KEY}
+    meta[DIGEST_KEY] = content_digest(payload, meta)
     with _atomic_target(path) as tmp:
-        save_file(payload, tmp, metadata=dict(metadata) if metadata else None)
+        save_file(payload, tmp, metadata=meta)
     return Path(path)
 
 
@@ -130,13 +176,22 @@ def write_json(path: PathLike, data: object) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
-    """The string metadata of a safetensors file, without loading its tensors."""
+def _raw_metadata(file: Path) -> dict[str, str]:
     from safetensors import safe_open
 
+    with safe_open(str(file), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file, without loading its tensors (nor its digest entry:
+    :func:`load_state_dict` checks that when the tensors are read)."""
     file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such file")
     try:
-        with safe_open(str(file), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except (SafetensorError, OSError) as err:
+        meta = _raw_metadata(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+    meta.pop(DIGEST_KEY, None)
+    return meta

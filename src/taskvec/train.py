@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from taskvec.io import atomic_save_torch
+from taskvec.io import CheckpointError, atomic_save_torch
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -132,7 +132,7 @@ def _better(new: float, old: float | None, higher: bool) -> bool:
     return old is None or (new > old if higher else new < old)
 
 
-class CheckpointCorruptError(ValueError):
+class CheckpointCorruptError(CheckpointError):
     """A training checkpoint cannot be read; the message names the file and how to start over."""
 
 
