@@ -283,6 +283,9 @@ class VariationalComposer(nn.Module):
             "partition_seed": str(layout.granularity.seed),
             "blocks": json.dumps(layout.block_names),
             "vectors": json.dumps(self.vector_names),
+            "vector_fingerprints": json.dumps(self.composer.vector_fingerprints),
+            "linearized": str(self.composer.linearized),
+            "base_fingerprint": self.composer.base_fingerprint,
         }
 
     def save(self, path: PathLike, extra: Mapping[str, str] | None = None) -> Path:
