@@ -79,6 +79,8 @@ def output_file(name: str, path: str | Path, *, inputs: Iterable[str | Path] = (
             raise UsageError(f"{name} {out}: would write over the input {src}; choose another output")
     if out.exists() and not force:
         raise UsageError(f"{name} {out}: already exists; pass --force to replace it")
+    if out.exists() and not out.stat().st_mode & 0o222:  # mode bits, so that it holds for root too
+        raise UsageError(f"{name} {out}: is read-only; make it writable first if you mean to replace it")
     writable_dir(f"{name} folder", out.parent if str(out.parent) else Path("."))
     return out
 
