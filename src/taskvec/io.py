@@ -8,6 +8,7 @@ the caller opts in, and an error that names the file when anything is off.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -165,11 +166,49 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     return Path(path)
 
 
+_CHECKED_TORCH = "taskvec-checked-1"
+
+
 def atomic_save_torch(obj: object, path: PathLike) -> Path:
-    """``torch.save`` through a temporary file and a rename (training checkpoints)."""
+    """``torch.save`` through a temporary file and a rename (training checkpoints), wrapped with the
+    sha256 of the serialised bytes, since a flipped bit in a torch file often loads without an error."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    wrapper = {
+        "format": _CHECKED_TORCH,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+    }
     with _atomic_target(path) as tmp:
-        torch.save(obj, tmp)
+        torch.save(wrapper, tmp)
     return Path(path)
+
+
+def load_torch_checked(path: PathLike, map_location: str | torch.device = "cpu") -> object:
+    """Read a file written by :func:`atomic_save_torch` (``weights_only``), verifying its sha256.
+
+    Raises :class:`CheckpointError` naming the file for any unreadable, truncated or altered file; a
+    plain ``torch.save`` file from before the wrapper is returned unverified.
+    """
+    file = Path(path)
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncation and bit flips surface as many different error types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{file}: unreadable ({first[:120]})") from err
+    if not (isinstance(obj, dict) and obj.get("format") == _CHECKED_TORCH):
+        return obj
+    payload, recorded = obj.get("payload"), obj.get("sha256")
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or not isinstance(recorded, str):
+        raise CheckpointError(f"{file}: malformed checked wrapper")
+    data = payload.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != recorded:
+        raise CheckpointError(f"{file}: contents do not match the sha256 recorded when it was written (corrupted)")
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{file}: verified payload does not load ({type(err).__name__})") from err
 
 
 def write_json(path: PathLike, data: object) -> Path:

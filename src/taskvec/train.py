@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from taskvec.io import CheckpointError, atomic_save_torch
+from taskvec.io import CheckpointError, atomic_save_torch, load_torch_checked
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -143,10 +143,9 @@ def _read_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
     """The saved training state, or a one-line error naming ``path`` (never a pickle traceback)."""
     advice = f"delete {path} (or rerun without resume) to start this training over"
     try:
-        saved = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # truncated, bit-flipped, not a torch file: all the same to the user
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointCorruptError(f"{path}: corrupt training checkpoint ({first[:120]}); {advice}") from err
+        saved = load_torch_checked(path, map_location=device)
+    except CheckpointError as err:  # truncated, bit-flipped, not a torch file: all the same to the user
+        raise CheckpointCorruptError(f"corrupt training checkpoint: {err}; {advice}") from err
     missing = [key for key in _CHECKPOINT_KEYS if not isinstance(saved, dict) or key not in saved]
     if missing:
         raise CheckpointCorruptError(f"{path}: training checkpoint lacks {missing}; {advice}")
