@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -81,13 +82,13 @@ def _variational_run(composer, checkpoint=None, resume=False, kill_at=None):
     y = torch.randint(0, 5, (32,), generator=torch.Generator().manual_seed(4))
     calls = [0]
 
-    class Killed(Exception):
+    class KilledError(Exception):
         pass
 
     def batches(generator):
         calls[0] += 1
         if calls[0] == kill_at:
-            raise Killed
+            raise KilledError
         order = torch.randperm(32, generator=generator)
         for i in range(0, 32, 16):
             yield x[order[i : i + 16]], y[order[i : i + 16]]
@@ -96,10 +97,8 @@ def _variational_run(composer, checkpoint=None, resume=False, kill_at=None):
     model = VariationalComposer(composer, feature_dim=5, config=VariationalConfig(hidden=(8,)))
     loss = elbo_loss(None, num_train=32, kl_warmup_steps=8)
     config = TrainConfig(epochs=4, lr=1e-2, progress=False, checkpoint=checkpoint, resume=resume)
-    try:
+    with contextlib.suppress(KilledError):
         fit(model, loss, Loader(batches, 2), config)
-    except Killed:
-        pass
     return model, loss
 
 

@@ -302,7 +302,9 @@ class Composer(nn.Module):
         for key in ("granularity", "blocks"):
             if meta.get(key) != identity[key]:
                 shown = meta.get(key, "<absent>")
-                raise CheckpointError(f"{path}: {key} {shown[:80]!r} does not match this composer's {identity[key][:80]!r}")
+                raise CheckpointError(
+                    f"{path}: {key} {shown[:80]!r} does not match this composer's {identity[key][:80]!r}"
+                )
         if value.shape != self.coefficients.shape:
             raise CheckpointError(
                 f"{path}: coefficients have shape {tuple(value.shape)}, this composer needs "

@@ -172,10 +172,8 @@ def _cache_hit(dest: Path, sha256: str | None) -> bool:
     if not isinstance(marker.get("files"), dict):
         # Extracted before taskvec recorded file hashes: record them now, so later damage is caught.
         marker["files"] = _file_hashes(dest)
-        try:
+        with contextlib.suppress(OSError):  # a read-only cache still works, it just is not recorded
             _write_marker(dest, marker)
-        except OSError:
-            pass
         print(f"taskvec: recorded file hashes for the cached extraction {dest}", file=sys.stderr)
     else:
         problem = _extraction_problem(dest, marker)

@@ -492,9 +492,9 @@ class TaskVector(_VectorBase):
             if sorted(map(str, order)) != sorted(tensors):
                 raise CheckpointError(f"{path}: metadata 'order' lists other blocks than the file holds")
             tensors = {key: tensors[key] for key in order}
-        if "dtype" in meta and tensors and meta["dtype"] != str(next(iter(tensors.values())).dtype).removeprefix("torch."):
-            raise CheckpointError(f"{path}: metadata 'dtype' says {meta['dtype']!r}, the tensors are "
-                                  f"{next(iter(tensors.values())).dtype}")
+        stored = str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None
+        if "dtype" in meta and stored is not None and meta["dtype"] != stored:
+            raise CheckpointError(f"{path}: metadata 'dtype' says {meta['dtype']!r}, the tensors are {stored}")
         try:
             vector = cls(tensors, metadata=meta)
         except (ValueError, TypeError) as err:
