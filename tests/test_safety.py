@@ -451,3 +451,21 @@ def test_atomic_writes_respect_the_umask(tmp_path):
         assert stat.S_IMODE(write_json(tmp_path / "a.json", {"x": 1}).stat().st_mode) == 0o664
     finally:
         os.umask(old)
+
+
+def test_malformed_head_metadata_and_records_are_named(tmp_path):
+    from taskvec.recipes.addition import Records
+
+    path = LinearHead(8, 5).save(tmp_path / "head.safetensors")
+    with safe_open(str(path), "pt") as handle:
+        meta, tensors = dict(handle.metadata()), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    meta.pop("taskvec_sha256")
+    del meta["num_classes"]
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: metadata lacks the key 'num_classes'"):
+        LinearHead.load(tmp_path / "bad.safetensors")
+    records = tmp_path / "records.json"
+    records.write_text('{"fingerprint": "x", "rows": {')
+    with pytest.raises(CheckpointError, match=r"records.json: unreadable results records; delete it"):
+        Records(records, "x", resume=True)
+    assert Records(records, "x", resume=False).rows == {}
