@@ -236,7 +236,7 @@ def _bank_entry(root, task="t") -> Bank:
     return Bank(root=root)
 
 
-def test_truncated_bank_vector_is_not_a_complete_entry(tmp_path):
+def test_truncated_bank_vector_is_not_a_complete_entry(tmp_path, capsys):
     bank = _bank_entry(tmp_path)
     assert bank.tasks() == ["t"] and bank.vector("t").norm() > 0
     vector = tmp_path / "t" / "vector.safetensors"
@@ -246,7 +246,9 @@ def test_truncated_bank_vector_is_not_a_complete_entry(tmp_path):
     assert fresh.tasks() == [] and "vector.safetensors" in fresh.incomplete()["t"]
     with pytest.raises(BankEntryError, match=r"bank entry 't' is not usable: .*vector.safetensors.*truncated"):
         fresh.vector("t")
-    assert cli.main(["bank", "list", "--root", str(tmp_path)]) == 0  # lists nothing, no traceback
+    assert cli.main(["bank", "list", "--root", str(tmp_path)]) == 0  # no traceback; says what is wrong
+    out = capsys.readouterr().out
+    assert "(empty)" in out and "incomplete: t: " in out and "truncated" in out
 
 
 def test_bank_adopts_entries_from_before_manifests_only_if_they_load(tmp_path):

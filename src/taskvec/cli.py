@@ -102,6 +102,8 @@ def _bank_list(args: argparse.Namespace) -> int:
     bank = Bank(_bank_config(args), root=args.root)
     print(f"bank: {bank.root}")
     _print_table(bank.table())
+    for task, problem in bank.incomplete().items():
+        print(f"incomplete: {task}: {problem}")
     return 0
 
 
