@@ -195,8 +195,8 @@ def load_torch_checked(path: PathLike, map_location: str | torch.device = "cpu")
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # truncation and bit flips surface as many different error types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{file}: unreadable ({first[:120]})") from err
+        # (torch's own text suggests weights_only=False, the wrong advice for a damaged file)
+        raise CheckpointError(f"{file}: unreadable, truncated or not a torch file ({type(err).__name__})") from err
     if not (isinstance(obj, dict) and obj.get("format") == _CHECKED_TORCH):
         return obj
     payload, recorded = obj.get("payload"), obj.get("sha256")
