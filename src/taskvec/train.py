@@ -163,6 +163,9 @@ def _objective_state(loss_fn: object) -> dict[str, Any]:
 def _load_objective_state(loss_fn: object, state: object, path: Path) -> None:
     loader = getattr(loss_fn, "load_state_dict", None)
     if callable(loader):
+        current = getattr(loss_fn, "state_dict", None)
+        if state is None and callable(current) and not current():
+            return  # nothing to restore (e.g. a parameter-free nn.Module loss, checkpoint from before this)
         if state is None:
             raise CheckpointCorruptError(
                 f"{path}: holds no objective state, but {type(loss_fn).__name__} is stateful; delete it to start over"
