@@ -41,7 +41,7 @@ def content_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
         digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
-        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     for key in sorted(metadata or {}):
         if key != DIGEST_KEY:
             digest.update(json.dumps([key, str((metadata or {})[key])]).encode())

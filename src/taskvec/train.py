@@ -146,7 +146,9 @@ def _read_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
         saved = load_torch_checked(path, map_location=device)
     except CheckpointError as err:  # truncated, bit-flipped, not a torch file: all the same to the user
         raise CheckpointCorruptError(f"corrupt training checkpoint: {err}; {advice}") from err
-    missing = [key for key in _CHECKPOINT_KEYS if not isinstance(saved, dict) or key not in saved]
+    if not isinstance(saved, dict):
+        raise CheckpointCorruptError(f"{path}: holds a {type(saved).__name__}, not a training checkpoint; {advice}")
+    missing = [key for key in _CHECKPOINT_KEYS if key not in saved]
     if missing:
         raise CheckpointCorruptError(f"{path}: training checkpoint lacks {missing}; {advice}")
     if not isinstance(saved["epoch"], int) or not isinstance(saved["params"], dict):

@@ -18,6 +18,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -93,7 +94,7 @@ def _check_finite(name: str, tensor: Tensor, what: str) -> None:
         raise CheckpointError(f"{what}: block '{name}' has {bad} NaN/Inf values")
 
 
-def _meta_json(meta: Mapping[str, str], key: str, path: PathLike, kind: type | tuple[type, ...]) -> object:
+def _meta_json(meta: Mapping[str, str], key: str, path: PathLike, kind: type | tuple[type, ...]) -> Any:
     """A JSON-valued metadata entry, or a :class:`CheckpointError` naming the file and the key."""
     if key not in meta:
         raise CheckpointError(f"{path}: metadata lacks the key '{key}'")
