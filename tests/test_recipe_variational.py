@@ -115,28 +115,33 @@ def test_bad_requests_fail_clearly(bank, tmp_path):
         run_variational(small(tmp_path, kl_warmup_fraction=2.0), bank=bank)
 
 
-def test_multitask_elbo_sums_task_cross_entropies_and_averages_the_kl(base, bank_vectors):
-    """Two parts through two heads: the loss is CE_1 + CE_2 + beta * KL-mean / N on one shared sample."""
-    torch.manual_seed(0)
-    model = VariationalComposer(Composer(base, bank_vectors, "block"), feature_dim=4,
-                                config=VariationalConfig(hidden=(8,)))
+def test_multitask_elbo_sums_the_per_task_elbos(base, bank_vectors):
+    """Two parts through two heads: the loss is the sum over tasks of each task's mean per-sample ELBO,
+    CE_t + beta * KL (issue 14: no 1/N on a per-sample latent's KL by default); the opt-in
+    ``kl_normalizer="dataset"`` divides the KL by N."""
     heads = [torch.nn.Linear(4, 3), torch.nn.Linear(4, 2)]
     x1, x2 = torch.randn(3, 6), torch.randn(5, 6)
     y1, y2 = torch.randint(0, 3, (3,)), torch.randint(0, 2, (5,))
-    loss = MultitaskELBOLoss(heads, num_train=40, kl_warmup_steps=0)
-    model.train()
-    torch.manual_seed(1)
-    got = loss(model, [(x1, y1), (x2, y2)])
-    torch.manual_seed(1)
-    x = torch.cat([x1, x2])
-    output, posterior = model.forward_with_posterior(x, model.features(x), sample=True)
     from taskvec.variational import spike_slab_kl
 
-    ce = (torch.nn.functional.cross_entropy(heads[0](output[:3]), y1)
-          + torch.nn.functional.cross_entropy(heads[1](output[3:]), y2))
-    kl = spike_slab_kl(*posterior, 0.5, 1.0).flatten(1).sum(1).mean()
-    assert torch.allclose(got, ce + kl / 40, atol=1e-6)
-    assert loss.step == 1
+    for normalizer, divisor in (("sample", 1), ("dataset", 40)):
+        torch.manual_seed(0)
+        model = VariationalComposer(Composer(base, bank_vectors, "block"), feature_dim=4,
+                                    config=VariationalConfig(hidden=(8,)))
+        options = {} if normalizer == "sample" else {"kl_normalizer": "dataset"}
+        loss = MultitaskELBOLoss(heads, num_train=40, kl_warmup_steps=0, **options)
+        model.train()
+        torch.manual_seed(1)
+        got = loss(model, [(x1, y1), (x2, y2)])
+        torch.manual_seed(1)
+        x = torch.cat([x1, x2])
+        output, posterior = model.forward_with_posterior(x, model.features(x), sample=True)
+        ce = (torch.nn.functional.cross_entropy(heads[0](output[:3]), y1)
+              + torch.nn.functional.cross_entropy(heads[1](output[3:]), y2))
+        per_sample = spike_slab_kl(*posterior, 0.5, 1.0).flatten(1).sum(1)
+        kl = per_sample[:3].mean() + per_sample[3:].mean()
+        assert torch.allclose(got, ce + kl / divisor, atol=1e-5), normalizer
+        assert loss.step == 1
     single = ELBOLoss(heads[0], num_train=40, kl_warmup_steps=0)
     with pytest.raises(ValueError, match="one \\(x, y\\) part per head"):
         loss(model, [(x1, y1)])

@@ -299,7 +299,7 @@ def test_elbo_training_reduces_loss(base, bank):
     model = VariationalComposer(composer, feature_dim=5, config=VariationalConfig(hidden=(32,), prior_pi=0.5))
     running_mean = model.composer.base.bn.running_mean.clone()
     features = model.features(x)
-    loss_fn = elbo_loss(None, num_train=64, kl_warmup_steps=8)
+    loss_fn = elbo_loss(None, num_train=64, kl_warmup_steps=8, kl_normalizer="dataset")  # the opt-in scaling
 
     def batches(generator: torch.Generator):
         order = torch.randperm(64, generator=generator)

@@ -5,8 +5,10 @@ task's training split, which then stays frozen (it plays the role of CLIP's zero
 (2) fine-tunes the whole backbone through that head with normalisation statistics frozen, selecting
 the epoch on the validation split, and (3) saves the task vector, the head and a metadata file.
 
-Every entry is written atomically and ``meta.json`` last, so an interrupted build resumes at the
-first incomplete task (and inside it, at its last finished epoch).
+Every file is written atomically and ``manifest.json`` (the sha256 and size of every other file)
+last, so an interrupted build resumes at the first incomplete task (and inside it, at its last
+finished epoch). An entry counts as complete only while its files match the manifest: a truncated or
+altered file makes it incomplete, readers refuse it with a message and ``build`` rebuilds it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -28,13 +31,58 @@ from taskvec.data import Task, augment, batches, load_task
 from taskvec.evaluate import accuracy, features
 from taskvec.fetch import cache_dir
 from taskvec.heads import LinearHead, fit_linear_head
-from taskvec.io import write_json
+from taskvec.io import CheckpointError, write_json
 from taskvec.linearize import LinearizedModel
 from taskvec.models import build_backbone
 from taskvec.train import Loader, TrainConfig, fit
 from taskvec.vectors import TaskVector, load_task_vector
 
 DEFAULT_TASKS = ("mnist", "fashion_mnist", "animal_mnist", "digits", "emoji_google", "emoji_twitter")
+MANIFEST = "manifest.json"
+ENTRY_FILES = ("vector.safetensors", "head.safetensors", "meta.json")
+
+
+class BankEntryError(CheckpointError, FileNotFoundError):
+    """A bank entry is missing, unfinished, or its files do not match its manifest."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, files: Sequence[str] = ENTRY_FILES, **extra: object) -> Path:
+    """Record sha256 and size of ``files``; written last, it is what marks the entry complete."""
+    entries = {name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+               for name in files}
+    return write_json(directory / MANIFEST, {"format": 1, **extra, "files": entries})
+
+
+def check_manifest(directory: Path, *, full: bool = True) -> str | None:
+    """``None`` when every file matches ``manifest.json``, else what is wrong (naming the file).
+
+    ``full=False`` compares sizes only (cheap, catches truncation); ``full=True`` also the sha256.
+    """
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return f"{manifest}: missing (the entry was never finished)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        checks = [(name, int(info["bytes"]), str(info["sha256"])) for name, info in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{manifest}: unreadable manifest ({type(err).__name__}: {err})"
+    for name, size, digest in checks:
+        file = directory / name
+        if not file.is_file():
+            return f"{file}: listed in the manifest but missing"
+        if file.stat().st_size != size:
+            return f"{file}: {file.stat().st_size} bytes, the manifest says {size} (truncated or replaced)"
+        if full and sha256_file(file) != digest:
+            return f"{file}: content does not match its sha256 in the manifest (corrupted)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -71,19 +119,65 @@ class Bank:
         self.config = config or BankConfig()
         self.root = Path(root) if root is not None else cache_dir() / "banks" / self.config.key()
         self.loader = loader  # (name, seed=...) -> Task; tests pass small in-memory tasks
+        self._verified: dict[str, tuple] = {}  # task -> file stamps last found matching the manifest
 
     # -- reading -------------------------------------------------------------------------------
 
     def entry(self, task: str) -> Path:
         return self.root / task
 
+    def problem(self, task: str) -> str | None:
+        """Why ``task``'s entry is not complete and intact, or ``None`` if it is (sha256 verified once)."""
+        directory = self.entry(task)
+        if not (directory / MANIFEST).is_file() and (directory / "meta.json").is_file():
+            self._adopt(directory)
+        stamp = self._stamp(directory)
+        if self._verified.get(task) == stamp:
+            return None
+        problem = check_manifest(directory)
+        if problem is None:
+            self._verified[task] = stamp
+        return problem
+
+    @staticmethod
+    def _stamp(directory: Path) -> tuple:
+        try:
+            return tuple((n, (directory / n).stat().st_size, (directory / n).stat().st_mtime_ns)
+                         for n in (MANIFEST, *ENTRY_FILES))
+        except OSError:
+            return ()
+
+    def _adopt(self, directory: Path) -> None:
+        """An entry from before manifests: give it one only if its files load completely."""
+        try:
+            load_task_vector(directory / "vector.safetensors")
+            LinearHead.load(directory / "head.safetensors")
+            json.loads((directory / "meta.json").read_text())
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            print(f"bank: entry {directory} has no manifest and does not load ({first}); it will be rebuilt",
+                  file=sys.stderr)
+            return
+        try:
+            write_manifest(directory, adopted=True)
+        except OSError as err:
+            print(f"bank: cannot write {directory / MANIFEST} ({err.strerror})", file=sys.stderr)
+
     def has(self, task: str) -> bool:
-        return (self.entry(task) / "meta.json").is_file()
+        return self.problem(task) is None
 
     def tasks(self) -> list[str]:
+        """Tasks with a complete, intact entry (files match their manifest)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / "meta.json").is_file())
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.has(p.name))
+
+    def incomplete(self) -> dict[str, str]:
+        """Entry directories that are not complete, with the reason (shown by ``bank list``)."""
+        if not self.root.is_dir():
+            return {}
+        found = {p.name: self.problem(p.name) for p in sorted(self.root.iterdir()) if p.is_dir()}
+        return {task: problem for task, problem in found.items() if problem is not None}
 
     def meta(self, task: str) -> dict:
         self._require(task)
@@ -106,12 +200,17 @@ class Bank:
         return backbone.eval()
 
     def _require(self, task: str) -> None:
-        if not self.has(task):
+        problem = self.problem(task)
+        if problem is None:
+            return
+        if not self.entry(task).is_dir():
             built = ", ".join(self.tasks()) or "none"
-            raise FileNotFoundError(
+            raise BankEntryError(
                 f"bank {self.root} has no finished entry for task '{task}' (built: {built}); "
                 f"run `taskvec bank build --tasks {task}`"
             )
+        raise BankEntryError(f"bank entry '{task}' is not usable: {problem}; "
+                             f"`taskvec bank build --tasks {task}` rebuilds it")
 
     def table(self) -> list[dict]:
         rows = []
@@ -126,6 +225,10 @@ class Bank:
     def build(self, tasks: Sequence[str] = DEFAULT_TASKS, *, progress: bool = True, force: bool = False) -> list[dict]:
         """Build every missing entry (all of them with ``force``); returns their metadata."""
         todo = [task for task in tasks if force or not self.has(task)]
+        for task in todo:
+            problem = None if force else self.problem(task)
+            if problem is not None and self.entry(task).is_dir() and any(self.entry(task).iterdir()):
+                print(f"bank: rebuilding '{task}': {problem}", file=sys.stderr)
         for task in tqdm(todo, desc="bank", disable=not progress or not todo):
             self.build_entry(task, progress=progress)
         return [self.meta(task) for task in tasks]
@@ -152,6 +255,8 @@ class Bank:
             model.requires_grad_(True)
         directory = self.entry(task_name)
         directory.mkdir(parents=True, exist_ok=True)
+        (directory / MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest is written
+        self._verified.pop(task_name, None)
         loader = _loader(task, cfg.resolution, cfg.batch_size, norm)
         epochs = max(cfg.epochs, math.ceil(cfg.min_steps / len(loader)))
         result = fit(
@@ -198,6 +303,7 @@ class Bank:
             "seconds": time.perf_counter() - started,
         }
         write_json(directory / "meta.json", meta)
+        write_manifest(directory, task=task_name, bank=self.config.key())
         (directory / "train_state.pt").unlink(missing_ok=True)
         return meta
 

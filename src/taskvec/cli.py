@@ -60,7 +60,9 @@ def _vector_make(args: argparse.Namespace) -> int:
     vector = TaskVector.from_checkpoints(
         args.base, args.finetuned, name=args.name or Path(args.finetuned).stem, allow_pickle=args.allow_pickle
     )
-    path = vector.save(args.output, dtype=DTYPES[args.dtype] if args.dtype else None)
+    if args.dtype:
+        vector = vector.to(DTYPES[args.dtype])  # what is printed is what is stored
+    path = vector.save(args.output)
     print(f"wrote {path}: {vector}")
     return 0
 
@@ -110,6 +112,8 @@ def _bank_list(args: argparse.Namespace) -> int:
     bank = Bank(_bank_config(args), root=args.root)
     print(f"bank: {bank.root}")
     _print_table(bank.table())
+    for task, problem in bank.incomplete().items():
+        print(f"incomplete: {task}: {problem}")
     return 0
 
 
@@ -169,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("-o", "--output", required=True, help="output .safetensors file")
     make.add_argument("--name", default="", help="task name stored in the metadata (default: file stem)")
     make.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="storage dtype (default: as stored)")
+    make.add_argument("--force", action="store_true", help="replace an existing output file")
     make.add_argument(
         "--allow-pickle", action="store_true", help="allow full unpickling of .pt/.bin files (only for trusted files)"
     )
@@ -203,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--rounds", type=int, default=3,
                       help="interleaved repetitions of every case; each keeps its fastest (default: 3)")
     step.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    step.add_argument("--force", action="store_true", help="replace an existing --json file")
     step.set_defaults(run=_bench_step)
 
     demo = commands.add_parser(
@@ -217,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "'own' (the target's head, fitted on its full training split), or a task name")
     demo.add_argument("--epochs", type=int, default=10, help="coefficient-training epochs (default: %(default)s)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="results directory (default: %(default)s)")
+    demo.add_argument("--force", action="store_true", help="replace results already in --out")
     demo.set_defaults(run=_demo)
 
     _add_hf_commands(commands)
@@ -348,16 +355,24 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from taskvec.validate import validate
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        validate(args)  # every argument, input and output location, before any work
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, RuntimeError, KeyError) as err:
+    except OSError as err:  # read-only folder, output that is a directory, full disk: one line with the path
+        where = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+        detail = err.strerror or str(err)
+        print(f"taskvec: error: {where}: {detail}" if where else f"taskvec: error: {detail}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"taskvec: error: {message}", file=sys.stderr)
         return 2

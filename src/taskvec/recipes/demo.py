@@ -97,10 +97,7 @@ def run_demo(config: DemoConfig | None = None, *, bank: Bank | None = None, task
 
     out = Path(config.out)
     atlas = composers["block"]
-    heatmap = plot_coefficients(
-        atlas.block_coefficients(), atlas.block_names, atlas.vector_names, out / "demo_coefficients.png",
-        title=f"aTLAS coefficients, {config.target}, {config.shots} shots",
-    )
+    heatmap = out / "demo_coefficients.png"  # drawn last: results are saved even if plotting fails
     atlas.save_coefficients(out / "demo_coefficients.safetensors", extra={"target": config.target})
     header = (
         f"Few-shot adaptation to **{config.target}** ({config.shots} shots/class, seed {config.seed}; "
@@ -120,6 +117,10 @@ def run_demo(config: DemoConfig | None = None, *, bank: Bank | None = None, task
         "seconds": time.perf_counter() - started,
     }
     json_path, md_path = write_results(out, "demo", payload, table)
+    plot_coefficients(
+        atlas.block_coefficients(), atlas.block_names, atlas.vector_names, heatmap,
+        title=f"aTLAS coefficients, {config.target}, {config.shots} shots",
+    )
     payload["files"] = {"json": str(json_path), "markdown": str(md_path), "heatmap": str(heatmap)}
     payload["table"] = table
     return payload

@@ -77,8 +77,8 @@ class VariationalRecipeConfig:
     variational: VariationalConfig = field(default_factory=VariationalConfig)
     lr: float = 1e-2  # the inference network's AdamW rate (its output bias plays aTLAS's coefficients)
     weight_decay: float = 0.0
-    kl_weight: float = 1.0
-    kl_normalizer: str = "dataset"
+    kl_weight: float = 1.0  # beta: 1 is the per-sample ELBO; reported with the table
+    kl_normalizer: str = "sample"  # "dataset" divides the per-sample KL by the number of fitting images
     kl_warmup_fraction: float = 0.5  # of all training steps
     # Task addition: splits, epochs and batch shared with the addition recipe's aTLAS row.
     addition: AdditionConfig = field(default_factory=lambda: AdditionConfig(methods=("atlas",)))
@@ -365,6 +365,9 @@ def run_variational(config: VariationalRecipeConfig | None = None, *, bank: Bank
         payload["fewshot"] = fewshot
         sections.append(_fewshot_table(fewshot, config))
     payload["seconds"] = time.perf_counter() - started
+    kl_scale = "per-sample ELBO" if config.kl_normalizer == "sample" else "KL divided by the number of fitting images"
+    sections.append(f"Objective: {kl_scale}, KL weight beta = {config.kl_weight:g} "
+                    f"(warm-up over {config.kl_warmup_fraction:.0%} of the steps).")
     table = "\n\n".join(sections)
     json_path, md_path = write_results(out, "variational", json_safe(payload), table)
     payload["files"] = {"json": str(json_path), "markdown": str(md_path)}

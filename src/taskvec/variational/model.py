@@ -283,6 +283,9 @@ class VariationalComposer(nn.Module):
             "partition_seed": str(layout.granularity.seed),
             "blocks": json.dumps(layout.block_names),
             "vectors": json.dumps(self.vector_names),
+            "vector_fingerprints": json.dumps(self.composer.vector_fingerprints),
+            "linearized": str(self.composer.linearized),
+            "base_fingerprint": self.composer.base_fingerprint,
         }
 
     def save(self, path: PathLike, extra: Mapping[str, str] | None = None) -> Path:
@@ -370,8 +373,10 @@ def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
 class ELBOLoss:
     """Negative ELBO per sample: CE(head(f(x; theta_0 + sum z lambda tau)), y) + beta(t) * w * KL.
 
-    ``kl_normalizer="dataset"`` divides the per-sample KL by ``num_train`` (KL as a dataset-level
-    regulariser); ``"sample"`` keeps it per sample, the exact ELBO for per-sample (local) latents.
+    The default ``kl_normalizer="sample"`` is the exact ELBO for per-sample (local) latents: each
+    sample's KL weighs as much as its likelihood, times the explicit ``kl_weight`` (beta, 1 = the ELBO).
+    ``"dataset"`` divides the KL by ``num_train`` (a dataset-level regulariser): with per-sample latents
+    that shrinks the prior by ``num_train`` and is not the ELBO, so it is opt-in only.
     ``beta`` warms up linearly over ``kl_warmup_steps`` training calls; ``step`` counts them and may be
     set when resuming. ``last`` holds the latest terms for logging.
     """
@@ -383,7 +388,7 @@ class ELBOLoss:
         kl_warmup_steps: int,
         *,
         kl_weight: float = 1.0,
-        kl_normalizer: str = "dataset",
+        kl_normalizer: str = "sample",
         samples: int = 1,
         label_smoothing: float = 0.0,
     ) -> None:
@@ -410,6 +415,15 @@ class ELBOLoss:
     def beta(self) -> float:
         return kl_warmup(self.step, self.kl_warmup_steps)
 
+    def state_dict(self) -> dict[str, int]:
+        """What a resumed run needs to continue exactly: the warm-up step counter."""
+        return {"step": int(self.step)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "step" not in state or not isinstance(state["step"], int) or state["step"] < 0:
+            raise ValueError(f"ELBOLoss state needs a non-negative integer 'step', got {dict(state)!r}")
+        self.step = int(state["step"])
+
     def __call__(self, model: nn.Module, batch: Any) -> Tensor:
         x, y, features = _unpack(batch)
         return self._negative_elbo(model, x, features, [(y, self.head)])
@@ -417,8 +431,9 @@ class ELBOLoss:
     def _negative_elbo(
         self, model: nn.Module, x: Tensor, features: Tensor | None, parts: Sequence[tuple[Tensor, Head | None]]
     ) -> Tensor:
-        """``parts`` cut the batch in order: (labels, head) per consecutive slice of ``x``; their
-        cross-entropies add up (aTLAS's multi-task sum), the KL is averaged over all samples."""
+        """``parts`` cut the batch in order: (labels, head) per consecutive slice of ``x``; each part
+        contributes its mean per-sample ELBO (cross-entropy + beta * KL), and the parts add up (aTLAS's
+        multi-task sum)."""
         if not isinstance(model, VariationalComposer):
             raise TypeError(f"the ELBO objective needs a VariationalComposer, got {type(model).__name__}")
         if features is None:
@@ -432,7 +447,9 @@ class ELBOLoss:
         for piece, y, (_, head) in zip(output.split([len(y) for y in labels]), labels, parts, strict=True):
             logits = head(piece) if head is not None else piece
             nll = nll + F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        kl = spike_slab_kl(*posterior, model.config.prior_pi, model.config.prior_std).flatten(1).sum(1).mean()
+        per_sample_kl = spike_slab_kl(*posterior, model.config.prior_pi, model.config.prior_std).flatten(1).sum(1)
+        # Each part is its own task's per-sample ELBO, mean over its samples; the parts add up like the CEs.
+        kl = sum(piece.mean() for piece in per_sample_kl.split([len(y) for y in labels]))
         scale = self.kl_weight / (self.num_train if self.kl_normalizer == "dataset" else 1)
         beta = self.beta()
         loss = nll + (beta * scale) * kl
@@ -476,7 +493,7 @@ def elbo_loss(
     kl_warmup_steps: int,
     *,
     kl_weight: float = 1.0,
-    kl_normalizer: str = "dataset",
+    kl_normalizer: str = "sample",
     samples: int = 1,
     label_smoothing: float = 0.0,
 ) -> ELBOLoss:
