@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import mmap
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +23,87 @@ from torch.func import functional_call, jvp
 from taskvec.granularity import Granularity, Layout
 from taskvec.io import CheckpointError, PathLike, atomic_save_safetensors, load_state_dict, read_safetensors_metadata
 from taskvec.vectors import AnyTaskVector, LoraTaskVector, TaskVector, parameter_blocks
+
+
+def _is_plain(tensor: Tensor) -> bool:
+    """False under vmap / grad / jvp transforms, where only pure-torch autograd rules compose."""
+    return not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def _low_precision(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+class _Scratch:
+    """One reusable fp32 buffer per device for converting a low-precision block on CPU.
+
+    Why: CPUs without bf16 arithmetic have no mixed-precision product, and casting a whole
+    (m, numel) block to a fresh tensor costs an allocation (page faults) every step. Converting into
+    a buffer that lives as long as the composer keeps the transient to one block, never the bank.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def like(self, stack: Tensor, dtype: torch.dtype) -> Tensor:
+        key = (stack.device, dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < stack.numel():
+            buffer = torch.empty(stack.numel(), dtype=dtype, device=stack.device)
+            self._buffers[key] = buffer
+        view = buffer[: stack.numel()].view(stack.shape)
+        view.copy_(stack)
+        return view
+
+
+class _DenseStack:
+    """One block's dense task vectors as an (m, numel) matrix kept in its storage dtype.
+
+    The storage interface the fused kernel relies on (another kind, e.g. a quantised stack that
+    dequantises tiles on the fly, only has to provide the same two methods):
+
+    * ``weighted_sum(weights, base)``: ``base + weights @ stack`` as one fp32 (or weights-dtype) row,
+    * ``contract(grad)``: ``stack @ grad``, the (m,) coefficient gradient, accumulated in fp32.
+
+    Each reads the stack exactly once. The tensor itself lives in the composer's ``_bank`` module
+    (so ``.to(device)`` moves it); the stack only remembers its key.
+    """
+
+    def __init__(self, bank: _Bank, key: str, scratch: _Scratch) -> None:
+        self.bank = bank
+        self.key = key
+        self.scratch = scratch
+
+    @property
+    def tensor(self) -> Tensor:
+        return self.bank.get(self.key)
+
+    def _operand(self, stack: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """The stack in ``dtype`` for a CPU product, or None when the device multiplies mixed dtypes."""
+        if stack.dtype == dtype:
+            return stack
+        if stack.device.type == "cuda" and _low_precision(stack.dtype) and dtype == torch.float32:
+            return None
+        return self.scratch.like(stack, dtype)
+
+    def weighted_sum(self, weights: Tensor, base: Tensor | None = None) -> Tensor:
+        stack = self.tensor
+        operand = self._operand(stack, weights.dtype)
+        if operand is None:  # CUDA: read bf16/fp16 once, accumulate and return fp32
+            delta = torch.mm(weights.to(stack.dtype)[None], stack, out_dtype=torch.float32)[0]
+            return delta if base is None else base + delta.to(base.dtype)
+        if base is None:
+            return weights @ operand
+        if base.dtype == weights.dtype:
+            return torch.addmm(base[None], weights[None], operand)[0]
+        return base + (weights @ operand).to(base.dtype)
+
+    def contract(self, grad: Tensor) -> Tensor:
+        stack = self.tensor
+        operand = self._operand(stack, grad.dtype)
+        if operand is None:
+            return torch.mm(stack, grad.to(stack.dtype)[:, None], out_dtype=torch.float32)[:, 0]
+        return operand @ grad
 
 
 class _WeightedSum(torch.autograd.Function):
@@ -47,10 +131,55 @@ class _WeightedSum(torch.autograd.Function):
 
 
 def weighted_sum(weights: Tensor, stack: Tensor) -> Tensor:
-    """Sum of the rows of ``stack`` (m, numel) weighted by ``weights`` (m,), computed in weights' dtype."""
+    """Sum of the rows of ``stack`` (m, numel) weighted by ``weights`` (m,), computed in weights' dtype.
+
+    The generic path (any transform, e.g. vmap over per-sample coefficients); plain training steps
+    go through :class:`_ComposeBlocks` instead.
+    """
     if stack.dtype == weights.dtype:
         return weights @ stack
     return _WeightedSum.apply(weights, stack)
+
+
+class _ComposeBlocks(torch.autograd.Function):
+    """theta_0 + sum_i Lambda_i tau_i for every dense, one-column block, as one autograd node.
+
+    Forward: one ``addmm`` per block (base + weights @ stack), reading the stack once in its storage
+    dtype. Backward: one product per block (stack @ grad) written straight into the coefficient
+    gradient. Why one node: a composer of a real network has hundreds of blocks, and the gather,
+    product, reshape and add nodes per block of the generic path cost more than the products.
+    """
+
+    @staticmethod
+    def forward(ctx, coefficients: Tensor, plan: list, *bases: Tensor):  # type: ignore[override]
+        ctx.plan = plan
+        ctx.coefficient_shape = coefficients.shape
+        ctx.coefficient_dtype = coefficients.dtype
+        outputs = []
+        # The composition itself never runs under autocast: bases keep their dtype, sums accumulate
+        # in the coefficients' dtype; the network that consumes the blocks autocasts as usual.
+        with torch.no_grad(), torch.autocast(coefficients.device.type, enabled=False):
+            for (stack, rows, column), base in zip(plan, bases, strict=True):
+                weights = coefficients[:, column] if rows is None else coefficients[rows, column]
+                composed = stack.weighted_sum(weights, base.reshape(-1))
+                outputs.append(composed.to(base.dtype).view(base.shape))
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        plan = ctx.plan
+        total: Tensor | None = None
+        for (stack, rows, column), grad in zip(plan, grads, strict=True):
+            if grad is None:
+                continue
+            if total is None:
+                total = torch.zeros(ctx.coefficient_shape, dtype=ctx.coefficient_dtype, device=grad.device)
+            contribution = stack.contract(grad.reshape(-1).to(ctx.coefficient_dtype))
+            if rows is None:
+                total[:, column] += contribution.to(total.dtype)
+            else:
+                total[rows, column] += contribution.to(total.dtype)
+        return (total, None) + (None,) * len(grads)
 
 
 class _Bank(nn.Module):
@@ -64,6 +193,76 @@ class _Bank(nn.Module):
 
     def get(self, key: str) -> Tensor:
         return getattr(self, key)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+}
+
+
+def map_safetensors(path: PathLike) -> tuple[dict[str, Tensor], dict[str, str], mmap.mmap]:
+    """Zero-copy tensors over a memory-mapped safetensors file, its metadata, and the mapping.
+
+    The mapping is private copy-on-write (writes, which the composer never makes, would not reach
+    the file). Tensors are views of the mapping: reading one touches only its own pages.
+    """
+    file = Path(path)
+    with file.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{file}: too short to be a safetensors file")
+        length = struct.unpack("<Q", head)[0]
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as err:
+            raise CheckpointError(f"{file}: unreadable safetensors header ({err})") from err
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+    start = 8 + length
+    tensors: dict[str, Tensor] = {}
+    for key, entry in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{file}: tensor '{key}' has dtype {entry.get('dtype')}; task vectors are float")
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize or start + end > len(mapping):
+            raise CheckpointError(f"{file}: tensor '{key}' offsets {begin}..{end} do not fit shape {shape}")
+        if count:
+            flat = torch.frombuffer(mapping, dtype=dtype, count=count, offset=start + begin)
+        else:
+            flat = torch.empty(0, dtype=dtype)
+        tensors[key] = flat.view(shape)
+    return tensors, metadata, mapping
+
+
+class _MappedVector(TaskVector):
+    """A dense task vector whose blocks are views of a memory-mapped file (see :func:`map_safetensors`)."""
+
+    source: Path
+    _mapping: mmap.mmap | None
+
+    @classmethod
+    def open(cls, path: PathLike) -> _MappedVector:
+        tensors, metadata, mapping = map_safetensors(path)
+        if metadata.get("kind") == "lora":
+            raise CheckpointError(f"{path}: holds a LoRA task vector; Composer.from_files takes dense vectors")
+        order = json.loads(metadata.pop("order", "[]"))
+        if sorted(order) == sorted(tensors):
+            tensors = {key: tensors[key] for key in order}
+        try:
+            vector = cls(tensors, metadata=metadata, check_finite=False)  # checked when copied
+        except (ValueError, TypeError) as err:
+            raise CheckpointError(f"{path}: {err}") from err
+        vector.source = Path(path)
+        vector._mapping = mapping
+        return vector
+
+    def release(self) -> None:
+        """Drop the resident pages of the file (the views stay valid and fault pages back in if read)."""
+        if self._mapping is not None and hasattr(self._mapping, "madvise"):
+            self._mapping.madvise(mmap.MADV_DONTNEED)
 
 
 class Composer(nn.Module):
@@ -88,11 +287,13 @@ class Composer(nn.Module):
         linearized: bool = False,
         check_base: bool = True,
         base_eval: bool = True,
+        copy_base: bool = True,
     ) -> None:
         super().__init__()
         if not vectors:
             raise ValueError("the bank is empty: a composer needs at least one task vector")
-        self.base = copy.deepcopy(base)
+        # copy_base=False adopts the caller's module (frozen in place): for bases too large to hold twice.
+        self.base = copy.deepcopy(base) if copy_base else base
         self.base.requires_grad_(False)
         self.base_eval = base_eval
         self.linearized = linearized
@@ -110,6 +311,8 @@ class Composer(nn.Module):
         self.vector_names = [vector.name or f"vector_{i}" for i, vector in enumerate(vectors)]
         self.layout = Layout({name: base_blocks[name].shape for name in wanted}, granularity)
         self._bank = _Bank()
+        self._scratch = _Scratch()
+        self._stacks: dict[str, _DenseStack] = {}
         self._plan: dict[str, dict[str, object]] = {}
         for position, name in enumerate(wanted):
             self._plan[name] = self._stack_block(position, name, vectors)
@@ -118,7 +321,9 @@ class Composer(nn.Module):
                 self._bank.put(f"sizes_{position}", parts.sizes)
             if parts.index is not None:
                 self._bank.put(f"index_{position}", parts.index)
+        self._fill_dense(vectors)
         self._positions = {name: position for position, name in enumerate(wanted)}
+        self._fused = self._fused_plan(len(vectors))
         self.coefficients = nn.Parameter(self._initial(init, len(vectors)))
 
     # -- construction helpers ------------------------------------------------------------------
@@ -128,8 +333,14 @@ class Composer(nn.Module):
         lora = [i for i, v in enumerate(vectors) if isinstance(v, LoraTaskVector) and name in v.names]
         plan: dict[str, object] = {"dense": dense, "lora": lora, "column": int(self.layout.blocks[name].columns[0])}
         if dense:
-            stack = torch.stack([vectors[i].dense_block(name).reshape(-1) for i in dense])
+            dtype = vectors[dense[0]].tensors[name].dtype  # type: ignore[union-attr]
+            for i in dense[1:]:
+                dtype = torch.promote_types(dtype, vectors[i].tensors[name].dtype)  # type: ignore[union-attr]
+            numel = int(self.layout.shapes[name].numel())
+            # Filled vector by vector in _fill_dense, so a memory-mapped vector can be released at once.
+            stack = torch.empty((len(dense), numel), dtype=dtype)
             self._bank.put(f"dense_{position}", stack)
+            self._stacks[name] = _DenseStack(self._bank, f"dense_{position}", self._scratch)
             self._bank.put(f"dense_idx_{position}", torch.tensor(dense, dtype=torch.long))
         if lora:
             a_cat = torch.cat([vectors[i].factors[name][0] for i in lora])
@@ -140,6 +351,59 @@ class Composer(nn.Module):
             self._bank.put(f"lora_b_{position}", b_cat)
             self._bank.put(f"lora_owner_{position}", owner)
             self._bank.put(f"lora_scale_{position}", scale)
+        return plan
+
+    def _fill_dense(self, vectors: Sequence[AnyTaskVector]) -> None:
+        """Copy every dense vector into its rows of the stacks, one vector at a time.
+
+        Why vector-major: a memory-mapped vector (:meth:`from_files`) drops its pages right after its
+        rows are copied, so at most one vector's file pages are resident next to the bank.
+        """
+        rows = {name: {i: r for r, i in enumerate(plan["dense"])} for name, plan in self._plan.items()}  # type: ignore[attr-defined]
+        for i, vector in enumerate(vectors):
+            if not isinstance(vector, TaskVector):
+                continue
+            for name, stack in self._stacks.items():
+                row = rows[name].get(i)
+                if row is not None:
+                    target = stack.tensor[row]
+                    target.copy_(vector.tensors[name].reshape(-1))
+                    if isinstance(vector, _MappedVector) and not bool(torch.isfinite(target).all()):
+                        raise ValueError(f"{vector.source}: block '{name}' holds NaN or inf values")
+            if isinstance(vector, _MappedVector):
+                vector.release()
+
+    @classmethod
+    def from_files(
+        cls,
+        base: nn.Module,
+        paths: Sequence[PathLike],
+        granularity: Granularity | str = "block",
+        *,
+        copy_base: bool = False,
+        **kwargs,
+    ) -> Composer:
+        """A composer over dense task vectors saved by :meth:`TaskVector.save`, holding the bank once.
+
+        Each file is memory-mapped (no read into a second buffer), copied straight into the stacked
+        bank and unmapped before the next, so peak memory is the base plus the bank plus one file's
+        pages. ``copy_base=False`` (the default here) adopts ``base`` instead of copying it.
+        """
+        vectors = [_MappedVector.open(path) for path in paths]
+        return cls(base, vectors, granularity, copy_base=copy_base, **kwargs)
+
+    def _fused_plan(self, n: int) -> list[tuple[str, _DenseStack, Tensor | None, int]] | None:
+        """(block, stack, rows, column) per block when every block is dense with one column, else None."""
+        if self.linearized:
+            return None
+        plan = []
+        for name in self.block_names:
+            info = self._plan[name]
+            if info["lora"] or self.layout.blocks[name].parts != 1:
+                return None
+            dense = list(info["dense"])  # type: ignore[call-overload]
+            rows = None if dense == list(range(n)) else torch.tensor(dense, dtype=torch.long)
+            plan.append((name, self._stacks[name], rows, int(info["column"])))  # type: ignore[call-overload]
         return plan
 
     def _initial(self, init: float | Tensor, n: int) -> Tensor:
@@ -215,6 +479,13 @@ class Composer(nn.Module):
     def composed_blocks(self, coefficients: Tensor | None = None) -> dict[str, Tensor]:
         """theta_0 + delta for every composed block, in the base's dtype."""
         params = dict(self.base.named_parameters())
+        coefficients = self.coefficients if coefficients is None else coefficients
+        if self._fused is not None and _is_plain(coefficients):
+            plan = [(stack, None if rows is None else rows.to(coefficients.device), column)
+                    for _, stack, rows, column in self._fused]
+            bases = [params[name].detach() for name, *_ in self._fused]
+            composed = _ComposeBlocks.apply(coefficients, plan, *bases)
+            return dict(zip([name for name, *_ in self._fused], composed, strict=True))
         return {
             name: params[name] + delta.to(params[name].dtype)
             for name, delta in self.deltas(coefficients).items()
