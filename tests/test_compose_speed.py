@@ -9,7 +9,6 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_bank
 from torch.func import functional_call
 
 from taskvec.compose import Composer, map_safetensors
@@ -27,7 +26,8 @@ def test_low_precision_bank_gradients_match_fp32_bank(base, bank, images, low):
     """The fp32 bank against the same bank stored in bf16/fp16: equal up to the storage rounding."""
     reference = Composer(base, bank, "block", init=0.4)
     stored = Composer(base, [v.to(low) for v in bank], "block", init=0.4)
-    assert all(buffer.dtype == low for key, buffer in stored._bank.named_buffers() if key.startswith("dense_") and "idx" not in key)
+    stacks = [buffer for key, buffer in stored._bank.named_buffers() if key.startswith("dense_") and "idx" not in key]
+    assert stacks and all(stack.dtype == low for stack in stacks)
     with torch.no_grad():
         out, expected = stored(images), reference(images)
     eps = torch.finfo(low).eps
@@ -43,7 +43,8 @@ def test_fused_path_matches_generic_path(base, bank, images):
     composer = Composer(base, bank, "block", init=0.0)
     assert composer._fused is not None
     with torch.no_grad():
-        composer.coefficients.copy_(torch.randn(composer.coefficients.shape, generator=torch.Generator().manual_seed(3)))
+        generator = torch.Generator().manual_seed(3)
+        composer.coefficients.copy_(torch.randn(composer.coefficients.shape, generator=generator))
     coefficients = composer.coefficients.detach()
     weights = {}
     for name, param in parameter_blocks(base).items():
