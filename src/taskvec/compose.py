@@ -13,7 +13,7 @@ import json
 import math
 import mmap
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -35,25 +35,33 @@ def _low_precision(dtype: torch.dtype) -> bool:
 
 
 class _Scratch:
-    """One reusable fp32 buffer per device for converting a low-precision block on CPU.
+    """One small reusable buffer per device and dtype for converting low-precision tiles on CPU.
 
     Why: CPUs without bf16 arithmetic have no mixed-precision product, and casting a whole
-    (m, numel) block to a fresh tensor costs an allocation (page faults) every step. Converting into
-    a buffer that lives as long as the composer keeps the transient to one block, never the bank.
+    (m, numel) block to a fresh tensor costs an allocation (page faults) and a block-sized transient
+    every step. Tiles of at most ``ELEMENTS`` are converted into a buffer that lives as long as the
+    composer and stays in cache, so the bank is still read once and never copied.
     """
+
+    ELEMENTS = 1 << 20  # 4 MiB of fp32
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
-    def like(self, stack: Tensor, dtype: torch.dtype) -> Tensor:
+    def tiles(self, stack: Tensor, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]:
+        """(start, end, stack[:, start:end] converted to ``dtype``) over column tiles of ``stack``."""
+        rows, columns = stack.shape
+        width = max(1, min(columns, self.ELEMENTS // max(1, rows)))
         key = (stack.device, dtype)
         buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < stack.numel():
-            buffer = torch.empty(stack.numel(), dtype=dtype, device=stack.device)
+        if buffer is None or buffer.numel() < rows * width:
+            buffer = torch.empty(rows * width, dtype=dtype, device=stack.device)
             self._buffers[key] = buffer
-        view = buffer[: stack.numel()].view(stack.shape)
-        view.copy_(stack)
-        return view
+        for start in range(0, columns, width):
+            end = min(columns, start + width)
+            tile = buffer[: rows * (end - start)].view(rows, end - start)
+            tile.copy_(stack[:, start:end])
+            yield start, end, tile
 
 
 class _DenseStack:
@@ -78,32 +86,44 @@ class _DenseStack:
     def tensor(self) -> Tensor:
         return self.bank.get(self.key)
 
-    def _operand(self, stack: Tensor, dtype: torch.dtype) -> Tensor | None:
-        """The stack in ``dtype`` for a CPU product, or None when the device multiplies mixed dtypes."""
-        if stack.dtype == dtype:
-            return stack
-        if stack.device.type == "cuda" and _low_precision(stack.dtype) and dtype == torch.float32:
-            return None
-        return self.scratch.like(stack, dtype)
+    @staticmethod
+    def _mixed_product(stack: Tensor, dtype: torch.dtype) -> bool:
+        """True where one product can read bf16/fp16 and accumulate into fp32 (CUDA)."""
+        return stack.device.type == "cuda" and _low_precision(stack.dtype) and dtype == torch.float32
 
     def weighted_sum(self, weights: Tensor, base: Tensor | None = None) -> Tensor:
         stack = self.tensor
-        operand = self._operand(stack, weights.dtype)
-        if operand is None:  # CUDA: read bf16/fp16 once, accumulate and return fp32
+        if stack.dtype == weights.dtype:
+            if base is None:
+                return weights @ stack
+            if base.dtype == weights.dtype:
+                return torch.addmm(base[None], weights[None], stack)[0]
+            return base + (weights @ stack).to(base.dtype)
+        if self._mixed_product(stack, weights.dtype):
             delta = torch.mm(weights.to(stack.dtype)[None], stack, out_dtype=torch.float32)[0]
             return delta if base is None else base + delta.to(base.dtype)
-        if base is None:
-            return weights @ operand
-        if base.dtype == weights.dtype:
-            return torch.addmm(base[None], weights[None], operand)[0]
-        return base + (weights @ operand).to(base.dtype)
+        out = torch.empty(stack.shape[1], dtype=weights.dtype, device=stack.device)
+        row = weights[None]
+        for start, end, tile in self.scratch.tiles(stack, weights.dtype):
+            target = out[start:end][None]
+            if base is not None and base.dtype == weights.dtype:
+                torch.addmm(base[start:end][None], row, tile, out=target)
+            else:
+                torch.mm(row, tile, out=target)
+        if base is not None and base.dtype != weights.dtype:
+            return base + out.to(base.dtype)
+        return out
 
     def contract(self, grad: Tensor) -> Tensor:
         stack = self.tensor
-        operand = self._operand(stack, grad.dtype)
-        if operand is None:
+        if stack.dtype == grad.dtype:
+            return stack @ grad
+        if self._mixed_product(stack, grad.dtype):
             return torch.mm(stack, grad.to(stack.dtype)[:, None], out_dtype=torch.float32)[:, 0]
-        return operand @ grad
+        total = torch.zeros(stack.shape[0], dtype=grad.dtype, device=stack.device)
+        for start, end, tile in self.scratch.tiles(stack, grad.dtype):
+            total.addmv_(tile, grad[start:end])
+        return total
 
 
 class _WeightedSum(torch.autograd.Function):
@@ -392,11 +412,17 @@ class Composer(nn.Module):
         vectors = [_MappedVector.open(path) for path in paths]
         return cls(base, vectors, granularity, copy_base=copy_base, **kwargs)
 
-    def _fused_plan(self, n: int) -> list[tuple[str, _DenseStack, Tensor | None, int]] | None:
-        """(block, stack, rows, column) per block when every block is dense with one column, else None."""
+    GROUP_ELEMENTS = 1 << 22  # blocks per autograd node: their gradients (16 MiB fp32) are alive together
+
+    def _fused_plan(self, n: int) -> list[list[tuple[str, _DenseStack, Tensor | None, int]]] | None:
+        """Groups of (block, stack, rows, column) when every block is dense with one column, else None.
+
+        Why groups: one autograd node for many small blocks saves per-block bookkeeping, but its
+        backward waits for all of its blocks' gradients, so a group is capped at GROUP_ELEMENTS.
+        """
         if self.linearized:
             return None
-        plan = []
+        plan: list[tuple[str, _DenseStack, Tensor | None, int]] = []
         for name in self.block_names:
             info = self._plan[name]
             if info["lora"] or self.layout.blocks[name].parts != 1:
@@ -404,7 +430,16 @@ class Composer(nn.Module):
             dense = list(info["dense"])  # type: ignore[call-overload]
             rows = None if dense == list(range(n)) else torch.tensor(dense, dtype=torch.long)
             plan.append((name, self._stacks[name], rows, int(info["column"])))  # type: ignore[call-overload]
-        return plan
+        groups: list[list[tuple[str, _DenseStack, Tensor | None, int]]] = [[]]
+        size = 0
+        for entry in plan:
+            numel = int(self.layout.shapes[entry[0]].numel())
+            if groups[-1] and size + numel > self.GROUP_ELEMENTS:
+                groups.append([])
+                size = 0
+            groups[-1].append(entry)
+            size += numel
+        return groups
 
     def _initial(self, init: float | Tensor, n: int) -> Tensor:
         columns = self.layout.num_columns
@@ -481,11 +516,14 @@ class Composer(nn.Module):
         params = dict(self.base.named_parameters())
         coefficients = self.coefficients if coefficients is None else coefficients
         if self._fused is not None and _is_plain(coefficients):
-            plan = [(stack, None if rows is None else rows.to(coefficients.device), column)
-                    for _, stack, rows, column in self._fused]
-            bases = [params[name].detach() for name, *_ in self._fused]
-            composed = _ComposeBlocks.apply(coefficients, plan, *bases)
-            return dict(zip([name for name, *_ in self._fused], composed, strict=True))
+            result: dict[str, Tensor] = {}
+            for group in self._fused:
+                plan = [(stack, None if rows is None else rows.to(coefficients.device), column)
+                        for _, stack, rows, column in group]
+                bases = [params[name].detach() for name, *_ in group]
+                composed = _ComposeBlocks.apply(coefficients, plan, *bases)
+                result.update(zip([name for name, *_ in group], composed, strict=True))
+            return result
         return {
             name: params[name] + delta.to(params[name].dtype)
             for name, delta in self.deltas(coefficients).items()
