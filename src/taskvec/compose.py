@@ -428,6 +428,8 @@ class Composer(nn.Module):
             if info["lora"] or self.layout.blocks[name].parts != 1:
                 return None
             dense = list(info["dense"])  # type: ignore[call-overload]
+            if not dense:  # no vector covers this block: it stays at theta_0
+                continue
             rows = None if dense == list(range(n)) else torch.tensor(dense, dtype=torch.long)
             plan.append((name, self._stacks[name], rows, int(info["column"])))  # type: ignore[call-overload]
         groups: list[list[tuple[str, _DenseStack, Tensor | None, int]]] = [[]]
