@@ -141,3 +141,15 @@ def test_from_files_resident_memory_is_one_bank(tmp_path):
     grown = result["built"] - result["start"]
     assert bank_mib * 0.95 < grown < bank_mib * 1.10, result  # the bank is resident once
     assert result["peak"] - result["start"] < (bank_mib + base_mib) * 1.15 - base_mib, result
+
+
+def test_hi_lo_split_keeps_sixteen_bits():
+    """The GPU path multiplies bf16 hi + lo rows; their sum must carry the fp32 value to ~2^-16."""
+    from taskvec.compose import _split
+
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    parts = _split(values, torch.bfloat16)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (2, 1000)
+    error = (parts.float().sum(0) - values).abs().max() / values.abs().max()
+    assert error < 2**-15
+    assert (values.to(torch.bfloat16).float() - values).abs().max() / values.abs().max() > 2**-12  # bf16 alone is not

@@ -34,6 +34,12 @@ def _low_precision(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
 
+def _split(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """(2, k): ``values`` as a high and a low part in ``dtype`` whose sum is ``values`` to ~16 bits."""
+    high = values.to(dtype)
+    return torch.stack([high, (values - high.to(values.dtype)).to(dtype)])
+
+
 class _Scratch:
     """One small reusable buffer per device and dtype for converting low-precision tiles on CPU.
 
@@ -100,7 +106,8 @@ class _DenseStack:
                 return torch.addmm(base[None], weights[None], stack)[0]
             return base + (weights @ stack).to(base.dtype)
         if self._mixed_product(stack, weights.dtype):
-            delta = torch.mm(weights.to(stack.dtype)[None], stack, out_dtype=torch.float32)[0]
+            # Coefficients as a hi + lo pair of bf16/fp16 rows keep ~16 mantissa bits; one pass over the stack.
+            delta = torch.mm(_split(weights, stack.dtype), stack, out_dtype=torch.float32).sum(0)
             return delta if base is None else base + delta.to(base.dtype)
         out = torch.empty(stack.shape[1], dtype=weights.dtype, device=stack.device)
         row = weights[None]
@@ -119,7 +126,7 @@ class _DenseStack:
         if stack.dtype == grad.dtype:
             return stack @ grad
         if self._mixed_product(stack, grad.dtype):
-            return torch.mm(stack, grad.to(stack.dtype)[:, None], out_dtype=torch.float32)[:, 0]
+            return torch.mm(stack, _split(grad, stack.dtype).t(), out_dtype=torch.float32).sum(1)
         total = torch.zeros(stack.shape[0], dtype=grad.dtype, device=stack.device)
         for start, end, tile in self.scratch.tiles(stack, grad.dtype):
             total.addmv_(tile, grad[start:end])
