@@ -127,6 +127,7 @@ def _bench_step(args: argparse.Namespace) -> int:
     rows = step_table(
         args.models, args.vectors, batch=args.batch, resolution=args.resolution, storage=args.storage, steps=args.steps,
         rounds=args.rounds, threads=args.threads or 2, device=args.device, autocast=args.autocast, warmup=args.warmup,
+        bank_dir=args.bank_dir,
     )
     print(format_step_table(rows))
     if args.json:
@@ -192,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--autocast", action="store_true", help="bf16 autocast of the network (CUDA runs)")
     step.add_argument("--steps", type=int, default=10, help="timed steps per case (median reported)")
     step.add_argument("--warmup", type=int, default=3, help="untimed steps per case first (default: 3)")
+    step.add_argument("--bank-dir", type=Path, default=None,
+                      help="keep the generated stand-in banks here and reuse them (default: a temporary folder)")
     step.add_argument("--rounds", type=int, default=3,
                       help="interleaved repetitions of every case; each keeps its fastest (default: 3)")
     step.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
