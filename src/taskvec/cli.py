@@ -250,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from taskvec import distributed
+
+    distributed.init()  # under torchrun: join the process group (fit then trains data-parallel); else a no-op
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
