@@ -7,7 +7,9 @@ milliseconds per batch of
 * ``merged``   -- a plain network with one composition baked in (the floor: what aTLAS costs at test time),
 * ``shared``   -- ``Composer.forward`` with one coefficient matrix for the whole batch,
 * ``vmap/cK``  -- :class:`~taskvec.variational.persample.VmapRunner`, K samples per vmap chunk,
-* ``linear``   -- :class:`~taskvec.variational.persample.LinearRunner`,
+* ``linear``   -- :class:`~taskvec.variational.persample.LinearRunner`, dense hooks (every product),
+* ``linear/sp`` -- the same with sparse hooks (only the (sample, component) pairs with c != 0),
+* ``auto``     -- :class:`~taskvec.variational.persample.AutoRunner`: vmap with grad, sparse hooks without,
 
 in inference (``infer``: no grad) and training (``train``: forward + backward to the coefficients), with
 the ratio of CPU time to ``merged`` inference (CPU time, since wall time also counts waiting for cores
@@ -23,7 +25,10 @@ the cores, use ``--threads 1``: with more intra-op threads than free cores every
 OpenMP barrier for a descheduled thread (a 1 ms network then takes ~240 ms, whatever the method).
 
     python benchmarks/variational_speed.py [--models tiny_cnn vit_small mobilenet_v2] [--batches 8 32]
-        [--vectors 2 8] [--chunks 8 32] [--threads 1] [--seconds 8]
+        [--vectors 2 8] [--chunks 8 32] [--threads 1] [--seconds 8] [--kept 0.11]
+
+With ``--kept 0.11`` the per-sample coefficients look like the gate's output at test time; a whole
+variational prediction also runs the backbone once for the features, i.e. adds 1.0 to the ratio.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from taskvec.compose import Composer
-from taskvec.variational.persample import LinearRunner, VmapRunner
+from taskvec.variational.persample import AutoRunner, LinearRunner, VmapRunner
 from taskvec.vectors import TaskVector
 
 MODEL_KWARGS: dict[str, dict] = {"tiny_cnn": {"width": 32}}
@@ -87,19 +92,30 @@ def _train(fn: Callable[[torch.Tensor], torch.Tensor], coefficients: torch.Tenso
     return go
 
 
-def cases_for(composer: Composer, x: torch.Tensor, chunks: list[int]) -> list[tuple[str, str, Callable[[], None]]]:
-    """Every (method, mode, callable) measured for one composer and batch."""
+def cases_for(
+    composer: Composer, x: torch.Tensor, chunks: list[int], kept: float = 1.0
+) -> list[tuple[str, str, Callable[[], None]]]:
+    """Every (method, mode, callable) measured for one composer and batch.
+
+    ``kept`` < 1 zeroes each per-sample coefficient with probability 1 - kept, as the variational
+    gate does at test time (it keeps ~11% on the task-addition benchmark).
+    """
     n, columns = composer.num_vectors, composer.layout.num_columns
     merged = composer.merge()
     shared = composer.coefficients.detach().clone()
-    per_sample = 0.3 + 0.1 * torch.randn(x.shape[0], n, columns, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    per_sample = 0.3 + 0.1 * torch.randn(x.shape[0], n, columns, generator=generator)
+    if kept < 1.0:
+        per_sample = torch.where(torch.rand(per_sample.shape, generator=generator) < kept, per_sample, 0.0)
     cases: list[tuple[str, str, Callable[[], None]]] = [
         ("merged", "infer", _infer(lambda: merged(x))),
         ("shared", "infer", _infer(lambda: composer(x, coefficients=shared))),
         ("shared", "train", _train(lambda c: composer(x, coefficients=c), shared)),
     ]
     runners: dict[str, Callable] = {f"vmap/c{c}": VmapRunner(composer, c) for c in chunks}
-    runners["linear"] = LinearRunner(composer)
+    runners["linear"] = LinearRunner(composer, sparse=False)
+    runners["linear/sp"] = LinearRunner(composer, sparse=True)  # sparse hooks when >= 50% zeros
+    runners["auto"] = AutoRunner(composer, 8)
     for label, runner in runners.items():
         cases.append((label, "infer", _infer(lambda r=runner: r(x, per_sample))))
         cases.append((label, "train", _train(lambda c, r=runner: r(x, c), per_sample)))
@@ -115,7 +131,7 @@ def extra_weights_mb(label: str, composer: Composer, batch: int) -> float:
     numel = sum(shape.numel() for shape in composer.layout.shapes.values())
     if label.startswith("vmap/c"):
         return min(batch, int(label[6:])) * numel * 4 / 1e6
-    if label == "linear":
+    if label.startswith("linear") or label == "auto":
         return composer.num_vectors * numel * 4 / 1e6
     return numel * 4 / 1e6  # merged / shared: one composed copy
 
@@ -153,7 +169,8 @@ def measure(cases: list[tuple[str, str, Callable[[], None]]], rounds: int, secon
 
 
 def run(
-    models: list[str], batches: list[int], vectors: list[int], chunks: list[int], rounds: int, seconds: float
+    models: list[str], batches: list[int], vectors: list[int], chunks: list[int], rounds: int, seconds: float,
+    kept: float = 1.0,
 ) -> list[dict]:
     rows: list[dict] = []
     for name in models:
@@ -165,7 +182,7 @@ def run(
             composer.coefficients.requires_grad_(False)
             for batch in batches:
                 x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
-                cases = cases_for(composer, x, chunks)
+                cases = cases_for(composer, x, chunks, kept)
                 timings = measure(cases, rounds, seconds)
                 floor = timings[0][1]
                 for (label, mode, fn), (ms, cpu) in zip(cases, timings, strict=True):
@@ -203,11 +220,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="at least this many rounds per configuration")
     parser.add_argument("--seconds", type=float, default=20.0, help="keep adding rounds for this long")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kept", type=float, default=1.0,
+                        help="fraction of per-sample coefficients left non-zero (gated inference: ~0.11)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     print(HEADER)
-    run(args.models, args.batches, args.vectors, args.chunks, args.rounds, args.seconds)
+    run(args.models, args.batches, args.vectors, args.chunks, args.rounds, args.seconds, args.kept)
 
 
 if __name__ == "__main__":

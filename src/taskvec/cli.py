@@ -140,7 +140,8 @@ def _bench_step(args: argparse.Namespace) -> int:
 
     rows = step_table(
         args.models, args.vectors, batch=args.batch, resolution=args.resolution, storage=args.storage, steps=args.steps,
-        rounds=args.rounds,
+        rounds=args.rounds, threads=args.threads or 2, device=args.device, autocast=args.autocast, warmup=args.warmup,
+        bank_dir=args.bank_dir,
     )
     print(format_step_table(rows))
     if args.json:
@@ -202,9 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--models", nargs="+", default=["mobilenet_v2", "vit_small"])
     step.add_argument("--vectors", nargs="+", type=int, default=[1, 4, 16])
     step.add_argument("--batch", type=int, default=64)
-    step.add_argument("--resolution", type=int, default=32)
-    step.add_argument("--storage", choices=sorted(DTYPES), default="fp32", help="task vector storage dtype")
+    step.add_argument("--resolution", type=int, default=None, help="input size (default: 224 for vit-b32, else 32)")
+    step.add_argument("--storage", nargs="+", choices=sorted(DTYPES), default=["fp32"],
+                      help="task vector storage dtypes (one table row per bank size and dtype)")
+    step.add_argument("--device", default="cpu", help="cpu or cuda (cuda: see benchmarks/gpu.sh)")
+    step.add_argument("--autocast", action="store_true", help="bf16 autocast of the network (CUDA runs)")
     step.add_argument("--steps", type=int, default=10, help="timed steps per case (median reported)")
+    step.add_argument("--warmup", type=int, default=3, help="untimed steps per case first (default: 3)")
+    step.add_argument("--bank-dir", type=Path, default=None,
+                      help="keep the generated stand-in banks here and reuse them (default: a temporary folder)")
     step.add_argument("--rounds", type=int, default=3,
                       help="interleaved repetitions of every case; each keeps its fastest (default: 3)")
     step.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
@@ -363,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         validate(args)  # every argument, input and output location, before any work
         if args.threads is not None:
             torch.set_num_threads(args.threads)
+        from taskvec import distributed
+
+        distributed.init()  # under torchrun: join the process group (fit then trains data-parallel); else a no-op
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted; finished work is kept and a rerun resumes", file=sys.stderr)

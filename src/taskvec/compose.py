@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import math
+import mmap
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypedDict
 
@@ -21,6 +24,114 @@ from torch.func import functional_call, jvp
 from taskvec.granularity import Granularity, Layout
 from taskvec.io import CheckpointError, PathLike, atomic_save_safetensors, load_state_dict, read_safetensors_metadata
 from taskvec.vectors import AnyTaskVector, LoraTaskVector, TaskVector, fingerprint, parameter_blocks
+
+
+def _is_plain(tensor: Tensor) -> bool:
+    """False under vmap / grad / jvp transforms, where only pure-torch autograd rules compose."""
+    return not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def _low_precision(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def _split(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """(2, k): ``values`` as a high and a low part in ``dtype`` whose sum is ``values`` to ~16 bits."""
+    high = values.to(dtype)
+    return torch.stack([high, (values - high.to(values.dtype)).to(dtype)])
+
+
+class _Scratch:
+    """One small reusable buffer per device and dtype for converting low-precision tiles on CPU.
+
+    Why: CPUs without bf16 arithmetic have no mixed-precision product, and casting a whole
+    (m, numel) block to a fresh tensor costs an allocation (page faults) and a block-sized transient
+    every step. Tiles of at most ``ELEMENTS`` are converted into a buffer that lives as long as the
+    composer and stays in cache, so the bank is still read once and never copied.
+    """
+
+    ELEMENTS = 1 << 20  # 4 MiB of fp32
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def tiles(self, stack: Tensor, dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]:
+        """(start, end, stack[:, start:end] converted to ``dtype``) over column tiles of ``stack``."""
+        rows, columns = stack.shape
+        width = max(1, min(columns, self.ELEMENTS // max(1, rows)))
+        key = (stack.device, dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < rows * width:
+            buffer = torch.empty(rows * width, dtype=dtype, device=stack.device)
+            self._buffers[key] = buffer
+        for start in range(0, columns, width):
+            end = min(columns, start + width)
+            tile = buffer[: rows * (end - start)].view(rows, end - start)
+            tile.copy_(stack[:, start:end])
+            yield start, end, tile
+
+
+class _DenseStack:
+    """One block's dense task vectors as an (m, numel) matrix kept in its storage dtype.
+
+    The storage interface the fused kernel relies on (another kind, e.g. a quantised stack that
+    dequantises tiles on the fly, only has to provide the same two methods):
+
+    * ``weighted_sum(weights, base)``: ``base + weights @ stack`` as one fp32 (or weights-dtype) row,
+    * ``contract(grad)``: ``stack @ grad``, the (m,) coefficient gradient, accumulated in fp32.
+
+    Each reads the stack exactly once. The tensor itself lives in the composer's ``_bank`` module
+    (so ``.to(device)`` moves it); the stack only remembers its key.
+    """
+
+    def __init__(self, bank: _Bank, key: str, scratch: _Scratch) -> None:
+        self.bank = bank
+        self.key = key
+        self.scratch = scratch
+
+    @property
+    def tensor(self) -> Tensor:
+        return self.bank.get(self.key)
+
+    @staticmethod
+    def _mixed_product(stack: Tensor, dtype: torch.dtype) -> bool:
+        """True where one product can read bf16/fp16 and accumulate into fp32 (CUDA)."""
+        return stack.device.type == "cuda" and _low_precision(stack.dtype) and dtype == torch.float32
+
+    def weighted_sum(self, weights: Tensor, base: Tensor | None = None) -> Tensor:
+        stack = self.tensor
+        if stack.dtype == weights.dtype:
+            if base is None:
+                return weights @ stack
+            if base.dtype == weights.dtype:
+                return torch.addmm(base[None], weights[None], stack)[0]
+            return base + (weights @ stack).to(base.dtype)
+        if self._mixed_product(stack, weights.dtype):
+            # Coefficients as a hi + lo pair of bf16/fp16 rows keep ~16 mantissa bits; one pass over the stack.
+            delta = torch.mm(_split(weights, stack.dtype), stack, out_dtype=torch.float32).sum(0)
+            return delta if base is None else base + delta.to(base.dtype)
+        out = torch.empty(stack.shape[1], dtype=weights.dtype, device=stack.device)
+        row = weights[None]
+        for start, end, tile in self.scratch.tiles(stack, weights.dtype):
+            target = out[start:end][None]
+            if base is not None and base.dtype == weights.dtype:
+                torch.addmm(base[start:end][None], row, tile, out=target)
+            else:
+                torch.mm(row, tile, out=target)
+        if base is not None and base.dtype != weights.dtype:
+            return base + out.to(base.dtype)
+        return out
+
+    def contract(self, grad: Tensor) -> Tensor:
+        stack = self.tensor
+        if stack.dtype == grad.dtype:
+            return stack @ grad
+        if self._mixed_product(stack, grad.dtype):
+            return torch.mm(stack, _split(grad, stack.dtype).t(), out_dtype=torch.float32).sum(1)
+        total = torch.zeros(stack.shape[0], dtype=grad.dtype, device=stack.device)
+        for start, end, tile in self.scratch.tiles(stack, grad.dtype):
+            total.addmv_(tile, grad[start:end])
+        return total
 
 
 class _WeightedSum(torch.autograd.Function):
@@ -48,10 +159,55 @@ class _WeightedSum(torch.autograd.Function):
 
 
 def weighted_sum(weights: Tensor, stack: Tensor) -> Tensor:
-    """Sum of the rows of ``stack`` (m, numel) weighted by ``weights`` (m,), computed in weights' dtype."""
+    """Sum of the rows of ``stack`` (m, numel) weighted by ``weights`` (m,), computed in weights' dtype.
+
+    The generic path (any transform, e.g. vmap over per-sample coefficients); plain training steps
+    go through :class:`_ComposeBlocks` instead.
+    """
     if stack.dtype == weights.dtype:
         return weights @ stack
     return _WeightedSum.apply(weights, stack)
+
+
+class _ComposeBlocks(torch.autograd.Function):
+    """theta_0 + sum_i Lambda_i tau_i for every dense, one-column block, as one autograd node.
+
+    Forward: one ``addmm`` per block (base + weights @ stack), reading the stack once in its storage
+    dtype. Backward: one product per block (stack @ grad) written straight into the coefficient
+    gradient. Why one node: a composer of a real network has hundreds of blocks, and the gather,
+    product, reshape and add nodes per block of the generic path cost more than the products.
+    """
+
+    @staticmethod
+    def forward(ctx, coefficients: Tensor, plan: list, *bases: Tensor):  # type: ignore[override]
+        ctx.plan = plan
+        ctx.coefficient_shape = coefficients.shape
+        ctx.coefficient_dtype = coefficients.dtype
+        outputs = []
+        # The composition itself never runs under autocast: bases keep their dtype, sums accumulate
+        # in the coefficients' dtype; the network that consumes the blocks autocasts as usual.
+        with torch.no_grad(), torch.autocast(coefficients.device.type, enabled=False):
+            for (stack, rows, column), base in zip(plan, bases, strict=True):
+                weights = coefficients[:, column] if rows is None else coefficients[rows, column]
+                composed = stack.weighted_sum(weights, base.reshape(-1))
+                outputs.append(composed.to(base.dtype).view(base.shape))
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):  # type: ignore[override]
+        plan = ctx.plan
+        total: Tensor | None = None
+        for (stack, rows, column), grad in zip(plan, grads, strict=True):
+            if grad is None:
+                continue
+            if total is None:
+                total = torch.zeros(ctx.coefficient_shape, dtype=ctx.coefficient_dtype, device=grad.device)
+            contribution = stack.contract(grad.reshape(-1).to(ctx.coefficient_dtype))
+            if rows is None:
+                total[:, column] += contribution.to(total.dtype)
+            else:
+                total[rows, column] += contribution.to(total.dtype)
+        return (total, None) + (None,) * len(grads)
 
 
 class _Bank(nn.Module):
@@ -73,6 +229,76 @@ class _BlockPlan(TypedDict):
     dense: list[int]
     lora: list[int]
     column: int
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+}
+
+
+def map_safetensors(path: PathLike) -> tuple[dict[str, Tensor], dict[str, str], mmap.mmap]:
+    """Zero-copy tensors over a memory-mapped safetensors file, its metadata, and the mapping.
+
+    The mapping is private copy-on-write (writes, which the composer never makes, would not reach
+    the file). Tensors are views of the mapping: reading one touches only its own pages.
+    """
+    file = Path(path)
+    with file.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) != 8:
+            raise CheckpointError(f"{file}: too short to be a safetensors file")
+        length = struct.unpack("<Q", head)[0]
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as err:
+            raise CheckpointError(f"{file}: unreadable safetensors header ({err})") from err
+        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+    start = 8 + length
+    tensors: dict[str, Tensor] = {}
+    for key, entry in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{file}: tensor '{key}' has dtype {entry.get('dtype')}; task vectors are float")
+        begin, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize or start + end > len(mapping):
+            raise CheckpointError(f"{file}: tensor '{key}' offsets {begin}..{end} do not fit shape {shape}")
+        if count:
+            flat = torch.frombuffer(mapping, dtype=dtype, count=count, offset=start + begin)
+        else:
+            flat = torch.empty(0, dtype=dtype)
+        tensors[key] = flat.view(shape)
+    return tensors, metadata, mapping
+
+
+class _MappedVector(TaskVector):
+    """A dense task vector whose blocks are views of a memory-mapped file (see :func:`map_safetensors`)."""
+
+    source: Path
+    _mapping: mmap.mmap | None
+
+    @classmethod
+    def open(cls, path: PathLike) -> _MappedVector:
+        tensors, metadata, mapping = map_safetensors(path)
+        if metadata.get("kind") == "lora":
+            raise CheckpointError(f"{path}: holds a LoRA task vector; Composer.from_files takes dense vectors")
+        order = json.loads(metadata.pop("order", "[]"))
+        if sorted(order) == sorted(tensors):
+            tensors = {key: tensors[key] for key in order}
+        try:
+            vector = cls(tensors, metadata=metadata, check_finite=False)  # checked when copied
+        except (ValueError, TypeError) as err:
+            raise CheckpointError(f"{path}: {err}") from err
+        vector.source = Path(path)
+        vector._mapping = mapping
+        return vector
+
+    def release(self) -> None:
+        """Drop the resident pages of the file (the views stay valid and fault pages back in if read)."""
+        if self._mapping is not None and hasattr(self._mapping, "madvise"):
+            self._mapping.madvise(mmap.MADV_DONTNEED)
 
 
 class Composer(nn.Module):
@@ -97,11 +323,13 @@ class Composer(nn.Module):
         linearized: bool = False,
         check_base: bool = True,
         base_eval: bool = True,
+        copy_base: bool = True,
     ) -> None:
         super().__init__()
         if not vectors:
             raise ValueError("the bank is empty: a composer needs at least one task vector")
-        self.base = copy.deepcopy(base)
+        # copy_base=False adopts the caller's module (frozen in place): for bases too large to hold twice.
+        self.base = copy.deepcopy(base) if copy_base else base
         self.base.requires_grad_(False)
         self.base_eval = base_eval
         self.linearized = linearized
@@ -122,6 +350,8 @@ class Composer(nn.Module):
         self.base_fingerprint = fingerprint(base_blocks)
         self.layout = Layout({name: base_blocks[name].shape for name in wanted}, granularity)
         self._bank = _Bank()
+        self._scratch = _Scratch()
+        self._stacks: dict[str, _DenseStack] = {}
         self._plan: dict[str, _BlockPlan] = {}
         for position, name in enumerate(wanted):
             self._plan[name] = self._stack_block(position, name, vectors)
@@ -130,7 +360,9 @@ class Composer(nn.Module):
                 self._bank.put(f"sizes_{position}", parts.sizes)
             if parts.index is not None:
                 self._bank.put(f"index_{position}", parts.index)
+        self._fill_dense(vectors)
         self._positions = {name: position for position, name in enumerate(wanted)}
+        self._fused = self._fused_plan(len(vectors))
         self.coefficients = nn.Parameter(self._initial(init, len(vectors)))
 
     # -- construction helpers ------------------------------------------------------------------
@@ -141,8 +373,14 @@ class Composer(nn.Module):
         lora = list(loras)
         plan: _BlockPlan = {"dense": dense, "lora": lora, "column": int(self.layout.blocks[name].columns[0])}
         if dense:
-            stack = torch.stack([vectors[i].dense_block(name).reshape(-1) for i in dense])
+            dtype = vectors[dense[0]].tensors[name].dtype  # type: ignore[union-attr]
+            for i in dense[1:]:
+                dtype = torch.promote_types(dtype, vectors[i].tensors[name].dtype)  # type: ignore[union-attr]
+            numel = int(self.layout.shapes[name].numel())
+            # Filled vector by vector in _fill_dense, so a memory-mapped vector can be released at once.
+            stack = torch.empty((len(dense), numel), dtype=dtype)
             self._bank.put(f"dense_{position}", stack)
+            self._stacks[name] = _DenseStack(self._bank, f"dense_{position}", self._scratch)
             self._bank.put(f"dense_idx_{position}", torch.tensor(dense, dtype=torch.long))
         if lora:
             a_cat = torch.cat([loras[i].factors[name][0] for i in lora])
@@ -154,6 +392,76 @@ class Composer(nn.Module):
             self._bank.put(f"lora_owner_{position}", owner)
             self._bank.put(f"lora_scale_{position}", scale)
         return plan
+
+    def _fill_dense(self, vectors: Sequence[AnyTaskVector]) -> None:
+        """Copy every dense vector into its rows of the stacks, one vector at a time.
+
+        Why vector-major: a memory-mapped vector (:meth:`from_files`) drops its pages right after its
+        rows are copied, so at most one vector's file pages are resident next to the bank.
+        """
+        rows = {name: {i: r for r, i in enumerate(plan["dense"])} for name, plan in self._plan.items()}  # type: ignore[attr-defined]
+        for i, vector in enumerate(vectors):
+            if not isinstance(vector, TaskVector):
+                continue
+            for name, stack in self._stacks.items():
+                row = rows[name].get(i)
+                if row is not None:
+                    target = stack.tensor[row]
+                    target.copy_(vector.tensors[name].reshape(-1))
+                    if isinstance(vector, _MappedVector) and not bool(torch.isfinite(target).all()):
+                        raise ValueError(f"{vector.source}: block '{name}' holds NaN or inf values")
+            if isinstance(vector, _MappedVector):
+                vector.release()
+
+    @classmethod
+    def from_files(
+        cls,
+        base: nn.Module,
+        paths: Sequence[PathLike],
+        granularity: Granularity | str = "block",
+        *,
+        copy_base: bool = False,
+        **kwargs,
+    ) -> Composer:
+        """A composer over dense task vectors saved by :meth:`TaskVector.save`, holding the bank once.
+
+        Each file is memory-mapped (no read into a second buffer), copied straight into the stacked
+        bank and unmapped before the next, so peak memory is the base plus the bank plus one file's
+        pages. ``copy_base=False`` (the default here) adopts ``base`` instead of copying it.
+        """
+        vectors = [_MappedVector.open(path) for path in paths]
+        return cls(base, vectors, granularity, copy_base=copy_base, **kwargs)
+
+    GROUP_ELEMENTS = 1 << 22  # blocks per autograd node: their gradients (16 MiB fp32) are alive together
+
+    def _fused_plan(self, n: int) -> list[list[tuple[str, _DenseStack, Tensor | None, int]]] | None:
+        """Groups of (block, stack, rows, column) when every block is dense with one column, else None.
+
+        Why groups: one autograd node for many small blocks saves per-block bookkeeping, but its
+        backward waits for all of its blocks' gradients, so a group is capped at GROUP_ELEMENTS.
+        """
+        if self.linearized:
+            return None
+        plan: list[tuple[str, _DenseStack, Tensor | None, int]] = []
+        for name in self.block_names:
+            info = self._plan[name]
+            if info["lora"] or self.layout.blocks[name].parts != 1:
+                return None
+            dense = list(info["dense"])  # type: ignore[call-overload]
+            if not dense:  # no vector covers this block: it stays at theta_0
+                continue
+            rows = None if dense == list(range(n)) else torch.tensor(dense, dtype=torch.long)
+            plan.append((name, self._stacks[name], rows, int(info["column"])))  # type: ignore[call-overload]
+        groups: list[list[tuple[str, _DenseStack, Tensor | None, int]]] = [[]]
+        size = 0
+        for entry in plan:
+            numel = int(self.layout.shapes[entry[0]].numel())
+            if groups[-1] and size + numel > self.GROUP_ELEMENTS:
+                groups.append([])
+                size = 0
+            groups[-1].append(entry)
+            size += numel
+        return groups
 
     def _initial(self, init: float | Tensor, n: int) -> Tensor:
         columns = self.layout.num_columns
@@ -228,6 +536,16 @@ class Composer(nn.Module):
     def composed_blocks(self, coefficients: Tensor | None = None) -> dict[str, Tensor]:
         """theta_0 + delta for every composed block, in the base's dtype."""
         params = dict(self.base.named_parameters())
+        coefficients = self.coefficients if coefficients is None else coefficients
+        if self._fused is not None and _is_plain(coefficients):
+            result: dict[str, Tensor] = {}
+            for group in self._fused:
+                plan = [(stack, None if rows is None else rows.to(coefficients.device), column)
+                        for _, stack, rows, column in group]
+                bases = [params[name].detach() for name, *_ in group]
+                composed = _ComposeBlocks.apply(coefficients, plan, *bases)
+                result.update(zip([name for name, *_ in group], composed, strict=True))
+            return result
         return {
             name: params[name] + delta.to(params[name].dtype)
             for name, delta in self.deltas(coefficients).items()

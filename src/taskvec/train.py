@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from taskvec import distributed
 from taskvec.io import CheckpointError, atomic_save_torch, load_torch_checked
 
 Batch = Any
@@ -191,6 +192,7 @@ def fit(
     """
     config = config or TrainConfig()
     params = _trainable(model)
+    distributed.broadcast_parameters(params.values())  # under torchrun: every rank starts from rank 0's state
     device = next(iter(params.values())).device
     autocast = config.mixed_precision if config.mixed_precision is not None else device.type == "cuda"
     optimizer = (
@@ -244,19 +246,22 @@ def fit(
         generator = torch.Generator().manual_seed(seed)
         model.train(config.train_mode)
         total, count = 0.0, 0
-        for batch in loader.epoch(generator):
+        distributed.set_epoch(loader, epoch)
+        for batch in distributed.shard(loader.epoch(generator), loader):  # this rank's share of each batch
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}; lower the learning rate")
             loss.backward()
+            distributed.average_gradients(params.values())  # DDP semantics; no-op outside a process group
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             total += float(loss.detach())
             count += 1
+        total, count = distributed.all_mean(total / max(1, count)), 1
         metric = None
         if evaluate is not None:
             model.eval()
@@ -267,7 +272,7 @@ def fit(
                 best_state = _snapshot(params)
         result.history.append(EpochRecord(epoch, total / max(1, count), metric, time.perf_counter() - tic))
         bar.set_postfix(loss=f"{total / max(1, count):.4f}", **({"val": f"{metric:.4f}"} if metric is not None else {}))
-        if config.checkpoint is not None:
+        if config.checkpoint is not None and distributed.is_writer():
             atomic_save_torch(
                 {
                     "epoch": epoch,

@@ -161,7 +161,7 @@ def inference_cost(
     floor = _best_ms(lambda: merged(x), rounds)
     rows = [{"method": "merged aTLAS", "ms_per_batch": floor, "relative": 1.0}]
     previous = model.config.method
-    for method in ("vmap", "linear"):
+    for method in ("vmap", "linear", "auto"):
         model.config.method = method
         try:
             ms = _best_ms(lambda: model(x), rounds)

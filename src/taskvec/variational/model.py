@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from taskvec.compose import Composer
 from taskvec.io import CheckpointError, PathLike, atomic_save_safetensors, load_state_dict, read_safetensors_metadata
 from taskvec.variational.inference import InferenceConfig, InferenceNetwork
-from taskvec.variational.persample import LinearRunner, UnsupportedModuleError, VmapRunner, make_runner
+from taskvec.variational.persample import AutoRunner, LinearRunner, UnsupportedModuleError, VmapRunner, make_runner
 from taskvec.variational.prior import (
     SpikeSlab,
     check_prior,
@@ -151,7 +151,7 @@ class VariationalComposer(nn.Module):
                 f"inference network outputs {inference.shape} (vectors, columns); the composer has ({n}, {columns})"
             )
         self.inference = inference
-        self._runner: VmapRunner | LinearRunner | None = None
+        self._runner: VmapRunner | LinearRunner | AutoRunner | None = None
         self._runner_key: tuple[str, int | None] | None = None
         self._checked = False
 
@@ -205,7 +205,7 @@ class VariationalComposer(nn.Module):
 
     # -- per-sample execution --------------------------------------------------------------------
 
-    def runner(self) -> VmapRunner | LinearRunner:
+    def runner(self) -> VmapRunner | LinearRunner | AutoRunner:
         """The per-sample executor for ``config.method`` (rebuilt when the method or chunk changes)."""
         key = (self.config.method, self.config.chunk_size)
         if self._runner is None or self._runner_key != key:

@@ -129,7 +129,10 @@ class LinearRunner:
     and xK banks are all handled by the composer's own code. It costs about one bank of memory.
     """
 
-    def __init__(self, composer: Composer) -> None:
+    SPARSE_FROM = 0.5  # fraction of zero coefficients from which the sparse corrections are used
+
+    def __init__(self, composer: Composer, sparse: bool = True) -> None:
+        self.sparse = sparse
         if composer.linearized:
             raise UnsupportedModuleError(
                 "the linearity runner needs a plain composer; a linearised one (linearized=True) is not "
@@ -206,7 +209,35 @@ class LinearRunner:
     # -- the corrections -----------------------------------------------------------------------
 
     @staticmethod
-    def _correction(module: nn.Module, kind: str, x: Tensor, plan: dict[str, _Basis], flat: Tensor) -> Tensor:
+    def _sparse_weight(module: nn.Module, kind: str, x: Tensor, weight: _Basis, c: Tensor) -> Tensor | None:
+        """sum_j c_sj (T_j x_s) computed only for the (sample, basis) pairs with c_sj != 0.
+
+        Why: a gated posterior keeps ~10% of the components per sample, so most of the dense runner's
+        products multiply by zero. Each basis tensor runs once on the sub-batch that uses it.
+        """
+        m = c.shape[1]
+        used = c != 0
+        total: Tensor | None = None
+        if kind == "linear":
+            bases = weight.tensors.view(weight.tensors.shape[0], m, -1)
+        else:
+            per_group = x.shape[1] // module.groups
+            bases = weight.tensors.view(weight.tensors.shape[0], m, per_group, *weight.tensors.shape[2:])
+        for j in torch.nonzero(used.any(0)).flatten().tolist():
+            rows = torch.nonzero(used[:, j]).flatten()
+            sub = x.index_select(0, rows)
+            basis = bases[:, j]
+            product = F.linear(sub, basis) if kind == "linear" else module._conv_forward(sub, basis, None)
+            scale = c.index_select(0, rows)[:, j].view(-1, *(1,) * (product.dim() - 1))
+            if total is None:
+                total = torch.zeros((x.shape[0], *product.shape[1:]), dtype=product.dtype, device=product.device)
+            total.index_add_(0, rows, product * scale)
+        return total
+
+    @staticmethod
+    def _correction(
+        module: nn.Module, kind: str, x: Tensor, plan: dict[str, _Basis], flat: Tensor, sparse: bool = False
+    ) -> Tensor:
         batch = flat.shape[0]
         if x.shape[0] != batch:
             raise ValueError(
@@ -215,6 +246,17 @@ class LinearRunner:
             )
         weight, bias = plan.get("weight"), plan.get("bias")
         total: Tensor | None = None
+        if sparse and weight is not None and kind in ("linear", "conv"):
+            c = flat[:, weight.index].to(x.dtype)
+            correction = LinearRunner._sparse_weight(module, kind, x, weight, c)
+            if bias is not None:
+                spatial = x.dim() - 2 if kind == "conv" else 0
+                lead = (batch, -1, *(1,) * spatial) if kind == "conv" else (*_lead(batch, x, 1), -1)
+                shift = (flat[:, bias.index].to(x.dtype) @ bias.tensors).view(*lead)
+                correction = shift if correction is None else correction + shift
+            if correction is None:  # nothing kept in this module for any sample
+                correction = torch.zeros((), dtype=x.dtype, device=x.device)
+            return correction
         if kind == "linear":
             if weight is not None:
                 c = flat[:, weight.index].to(x.dtype)
@@ -266,11 +308,13 @@ class LinearRunner:
         plan = self.basis()
         flat = coefficients.reshape(coefficients.shape[0], -1)
         fired: set[str] = set()
+        # Skipping zero coefficients pays when most are zero (a gated posterior); a relaxed sample has none.
+        sparse = self.sparse and float((flat == 0).float().mean()) >= self.SPARSE_FROM
 
         def hook_for(prefix: str, module: nn.Module, kind: str) -> Callable:
             def hook(mod: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
                 fired.add(prefix)
-                return output + self._correction(mod, kind, inputs[0], plan[prefix], flat)
+                return output + self._correction(mod, kind, inputs[0], plan[prefix], flat, sparse)
 
             return hook
 
@@ -298,17 +342,66 @@ class LinearRunner:
 DEFAULT_METHOD = "vmap"
 
 
-def make_runner(composer: Composer, method: str, chunk_size: int | None = 8) -> VmapRunner | LinearRunner:
-    """``vmap``, ``linear``, or ``auto`` (= :data:`DEFAULT_METHOD`).
+class AutoRunner:
+    """vmap with gradients (training on relaxed samples), the sparse linearity runner without (gated inference).
 
-    Why vmap by default: on CPU (benchmarks/variational_speed.py) it matches or beats the linearity
-    runner with 2 vectors and is 2-5x faster with 8, since the hooks cost one extra product per vector
-    and column while vmap's per-sample weights cost little next to the activations. Chunks of 8 samples
-    beat 32 (the per-sample weights stay in cache). The linearity runner is the choice when
-    ``chunk_size`` composed copies of the network do not fit in memory.
+    Why: a relaxed spike-and-slab sample has no exact zeros, and there vmap's per-sample weights beat
+    the hooks (benchmarks/variational_speed.py); the gate zeroes ~90% of the coefficients, and then the
+    sparse hooks do a tenth of the dense runner's extra products on the batched activations, while
+    vmap still builds one full set of weights per sample. The linearity runner is used only where it
+    applies and, once, after agreeing with vmap on two samples; otherwise everything runs on vmap.
+    """
+
+    def __init__(self, composer: Composer, chunk_size: int | None = 8) -> None:
+        self.vmap = VmapRunner(composer, chunk_size)
+        self.linear: LinearRunner | None = None
+        self._verified = False
+        if not composer.linearized:
+            try:
+                self.linear = LinearRunner(composer, sparse=True)
+            except UnsupportedModuleError:
+                self.linear = None
+
+    @torch.no_grad()
+    def _verify(self, x: Tensor) -> None:
+        assert self.linear is not None
+        probe = x[:2]
+        composer = self.vmap.composer
+        generator = torch.Generator().manual_seed(0)
+        shape = (probe.shape[0], composer.num_vectors, composer.layout.num_columns)
+        coefficients = torch.randn(shape, generator=generator).to(x.device)
+        coefficients[coefficients.abs() < 0.8] = 0.0  # exercise the sparse path too
+        reference = self.vmap(probe, coefficients)
+        try:
+            got = self.linear(probe, coefficients)
+            agree = bool((got - reference).abs().max() <= 1e-4 * (float(reference.abs().max()) + 1.0))
+        except UnsupportedModuleError:
+            agree = False
+        if not agree:
+            self.linear = None
+        self._verified = True
+
+    def __call__(self, x: Tensor, coefficients: Tensor) -> Tensor:
+        if self.linear is None or torch.is_grad_enabled():
+            return self.vmap(x, coefficients)
+        if not self._verified:
+            self._verify(x)
+            if self.linear is None:
+                return self.vmap(x, coefficients)
+        return self.linear(x, coefficients)
+
+
+def make_runner(
+    composer: Composer, method: str, chunk_size: int | None = 8
+) -> VmapRunner | LinearRunner | AutoRunner:
+    """``vmap``, ``linear`` (sparse hooks when most coefficients are zero), or ``auto`` (:class:`AutoRunner`).
+
+    On CPU (benchmarks/variational_speed.py) vmap matches or beats the dense linearity runner when
+    coefficients are dense (training), with chunks of 8 samples; with gated coefficients the sparse
+    hooks win, which ``auto`` exploits by switching on whether gradients are needed.
     """
     if method == "auto":
-        method = DEFAULT_METHOD
+        return AutoRunner(composer, chunk_size)
     if method == "vmap":
         return VmapRunner(composer, chunk_size)
     if method == "linear":

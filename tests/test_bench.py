@@ -1,0 +1,48 @@
+"""The step benchmark's traffic floor and bank preparation (issue 13)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from taskvec import bench
+from taskvec.bench import StepCase, bank_paths, format_step_table, memory_bandwidth, prepare_bank
+
+
+def test_floor_is_reference_plus_two_bank_reads(monkeypatch):
+    def fake(case):
+        return {"model": case.model, "mode": case.mode, "vectors": case.vectors, "storage": case.storage,
+                "step_ms": 100.0 if case.mode == "finetune" else 130.0, "base_mib": 1.0,
+                "vectors_mib": 1000.0 * case.vectors / 2**20 * (2 if case.storage == "bf16" else 4),
+                "bandwidth_gbs": 0.001 if case.mode == "finetune" else float("nan"),  # 1e6 B/s: 1 ms per kB
+                "rss_start_mib": 1.0, "rss_built_mib": 1.0, "rss_peak_mib": 2.0, "gpu_peak_mib": float("nan")}
+
+    monkeypatch.setattr(bench, "run_isolated", fake)
+    monkeypatch.setattr(bench, "_subprocess", lambda function, case: "")
+    rows = bench.step_table(["m"], [4], storage=["fp32", "bf16"], rounds=1, progress=False)
+    _finetune, fp32, bf16 = rows
+    # 2 reads x 4 vectors x 1000 elements x 4 bytes = 32 kB at 1e6 B/s = 32 ms over the 100 ms step.
+    assert fp32["floor_ms"] == pytest.approx(132.0)
+    assert bf16["floor_ms"] == pytest.approx(116.0)
+    assert fp32["vs_floor"] == pytest.approx(130.0 / 132.0)
+    table = format_step_table(rows)
+    assert "1.320" in table and "0.0 GB/s" in table
+
+
+def test_prepare_bank_writes_storage_dtype_once(tmp_path):
+    from taskvec.vectors import TaskVector
+
+    case = StepCase("tiny_cnn", "compose", vectors=2, storage="bf16", threads=1, bank_dir=str(tmp_path))
+    prepare_bank(case)
+    paths = bank_paths(case)
+    assert all(p.is_file() for p in paths)
+    stamp = [p.stat().st_mtime_ns for p in paths]
+    prepare_bank(case)  # already there: not rewritten
+    assert [p.stat().st_mtime_ns for p in paths] == stamp
+    vector = TaskVector.load(paths[1])
+    assert vector.dtype == torch.bfloat16 and vector.name == "t1"
+
+
+def test_memory_bandwidth_is_positive_and_finite():
+    value = memory_bandwidth("cpu", mib=8, repeats=2)
+    assert 1e8 < value < 1e13

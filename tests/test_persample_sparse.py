@@ -1,0 +1,110 @@
+"""Sparse (gated) per-sample composition and the auto runner (issue 13): same predictions as vmap."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from taskvec.compose import Composer
+from taskvec.variational import VariationalComposer, VariationalConfig
+from taskvec.variational.persample import AutoRunner, LinearRunner, VmapRunner, make_runner
+from taskvec.vectors import TaskVector, parameter_blocks
+
+
+def _per_sample_oracle(
+    composer: Composer, vectors: list[TaskVector], x: torch.Tensor, coefficients: torch.Tensor
+) -> torch.Tensor:
+    """Independent: write each sample's weights out by hand and run the base on that sample alone."""
+    rows = []
+    base_params = dict(composer.base.named_parameters())
+    for s in range(x.shape[0]):
+        weights = {}
+        for name in composer.block_names:
+            column = int(composer.layout.blocks[name].columns[0])
+            delta = sum(coefficients[s, i, column] * vectors[i][name] for i in range(len(vectors)))
+            weights[name] = base_params[name].detach() + delta
+        rows.append(functional_call(composer.base, weights, (x[s : s + 1],)))
+    return torch.cat(rows)
+
+
+def _gated(batch: int, n: int, columns: int, kept: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mu = torch.randn(batch, n, columns, generator=generator)
+    keep = torch.rand(batch, n, columns, generator=generator) < kept
+    return torch.where(keep, mu, torch.zeros_like(mu))
+
+
+@pytest.mark.parametrize("kept", [0.0, 0.1, 0.3])
+def test_sparse_linear_runner_equals_vmap_and_oracle(base, bank, images, kept):
+    composer = Composer(base, bank, "block")
+    coefficients = _gated(images.shape[0], len(bank), composer.layout.num_columns, kept, seed=int(kept * 10))
+    expected = _per_sample_oracle(composer, bank, images, coefficients)
+    sparse = LinearRunner(composer, sparse=True)
+    dense = LinearRunner(composer, sparse=False)
+    with torch.no_grad():
+        got = sparse(images, coefficients)
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert torch.allclose(dense(images, coefficients), expected, atol=1e-5)
+        assert torch.allclose(VmapRunner(composer, 2)(images, coefficients), expected, atol=1e-5)
+
+
+def test_sparse_runner_on_tiny_vit_linear_layers():
+    models = pytest.importorskip("taskvec.models")
+    vit, _ = models.build_backbone("tiny_vit", pretrained=False, seed=0)
+    blocks = [k for k in parameter_blocks(vit) if k not in ("cls_token", "pos_embed")]
+    bank = []
+    for i in range(3):
+        tuned = copy.deepcopy(vit)
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, param in tuned.named_parameters():
+                if name in blocks:
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+        bank.append(TaskVector.from_state_dicts(vit.state_dict(), tuned.state_dict(), names=blocks, name=f"v{i}"))
+    composer = Composer(vit, bank, "block", blocks=blocks)
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    coefficients = _gated(5, 3, composer.layout.num_columns, 0.15, seed=7)
+    with torch.no_grad():
+        expected = VmapRunner(composer, None)(x, coefficients)
+        assert torch.allclose(LinearRunner(composer, sparse=True)(x, coefficients), expected, atol=1e-5)
+
+
+def test_auto_runner_uses_sparse_hooks_without_grad_and_vmap_with_grad(base, bank, images, monkeypatch):
+    composer = Composer(base, bank, "block")
+    runner = make_runner(composer, "auto", 4)
+    assert isinstance(runner, AutoRunner) and runner.linear is not None
+    calls: list[str] = []
+    for name, part in (("linear", runner.linear), ("vmap", runner.vmap)):
+        original = type(part).__call__
+        monkeypatch.setattr(part, "__class__", type(f"Spy{name}", (type(part),), {
+            "__call__": lambda self, *a, _n=name, _o=original, **k: (calls.append(_n), _o(self, *a, **k))[1]
+        }))
+    coefficients = _gated(images.shape[0], len(bank), composer.layout.num_columns, 0.1, seed=3)
+    with torch.no_grad():
+        inferred = runner(images, coefficients)
+    assert calls[-1] == "linear"
+    trained = runner(images, coefficients.clone().requires_grad_(True))
+    assert calls[-1] == "vmap"
+    assert torch.allclose(inferred, trained.detach(), atol=1e-5)
+
+
+def test_variational_auto_predictions_equal_vmap(base, bank, images):
+    composer = Composer(base, bank, "block", init=0.2)
+    torch.manual_seed(0)
+    models = {}
+    for method in ("vmap", "auto"):
+        model = VariationalComposer(composer, feature_dim=5, config=VariationalConfig(method=method, hidden=(16,)))
+        if method == "vmap":
+            with torch.no_grad():
+                model.inference.out.weight.normal_(0.0, 1.0)
+            state = copy.deepcopy(model.inference.state_dict())
+        else:
+            model.inference.load_state_dict(state)
+        models[method] = model.eval()
+    with torch.no_grad():
+        a, b = models["vmap"](images), models["auto"](images)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.equal(a.argmax(1), b.argmax(1))
