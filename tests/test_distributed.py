@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from taskvec import distributed
+from taskvec.io import load_torch_checked
 
 WORKER = textwrap.dedent(
     """
@@ -103,7 +104,7 @@ def test_two_gloo_ranks_equal_one_process_and_only_rank0_writes(tmp_path):
     # Resume: crash both ranks in epoch 2 (after 4 + 2 steps), then resume from rank 0's epoch-1 checkpoint.
     crashed = _run(tmp_path, 2, "resume", crash_after=6)
     assert crashed.returncode != 0 and "simulated crash" in crashed.stderr
-    saved = torch.load(tmp_path / "ckpt_resume.pt", weights_only=True)
+    saved = load_torch_checked(tmp_path / "ckpt_resume.pt")
     assert saved["epoch"] == 1
     resumed = _run(tmp_path, 2, "resume", resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
