@@ -21,7 +21,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	# Fashion-MNIST comes from Debian: apt-get download needs package lists (a fresh machine has none).
 	@ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -qq || true
-	$(BIN)/taskvec demo
+	# --force: rerunning the demo replaces its previous tables in runs/demo.
+	$(BIN)/taskvec demo --force
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
