@@ -10,6 +10,7 @@ from torch import nn
 
 from taskvec.compose import Composer
 from taskvec.objectives import (
+    TrustedTargets,
     cross_entropy,
     default_trusted_k,
     entropy,
@@ -300,7 +301,7 @@ def _objectives():
         "entropy": (entropy(head), x),
         "sar": (sar(head, e_margin=math.log(4)), (x, y)),
         "simclr": (simclr(head, _jitter), x),
-        "ufm": (ufm(head, lambda v: v, _jitter, threshold=0.6), (x, targets)),
+        "ufm": (ufm(head, lambda v: v, _jitter, threshold=0.6), (x, TrustedTargets(targets))),
         "sam_cross_entropy": (sharpness_aware(cross_entropy(head)), (x, y)),
     }
 
