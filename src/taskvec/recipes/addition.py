@@ -44,11 +44,13 @@ from taskvec.adamerging import AdaMergingConfig, adamerge
 from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
 from taskvec.batching import mixed_loader
 from taskvec.compose import Composer
+from taskvec.evaluate import accuracy
 from taskvec.experiment import RecordStore, fingerprint, history, plot_bars
 from taskvec.io import write_json
 from taskvec.merging import alpha_search, ties_merge
 from taskvec.recipes.common import (
     DEFAULT_RESULTS,
+    Evaluator,
     MultiTaskData,
     bank_identity,
     task_arithmetic_search,
@@ -153,9 +155,11 @@ def run_addition(
     bank: Bank | None = None,
     linear_bank: Bank | None = None,
     tasks: Sequence[str] = DEFAULT_TASKS,
+    evaluator: Evaluator = accuracy,
 ) -> dict:
     """Merge the bank by every method; returns the payload written to ``<out>/addition.json``.
 
+    ``evaluator`` computes every accuracy (selection and report): tests inject spies through it.
     ``bank`` defaults to the standard bank, ``linear_bank`` to the linearised bank of the same
     settings (built if missing, when ``atlas_lin`` is asked for).
     """
@@ -177,8 +181,8 @@ def run_addition(
     settings = {k: v for k, v in asdict(config).items() if k not in ("methods", "out", "resume", "progress")}
     identity = {**settings, "tasks": tasks, "banks": bank_identity(banks, tasks)}
     records = RecordStore(out / "addition_records.jsonl", fingerprint(identity), config.resume)
-    ctx = MultiTaskData(bank, tasks, config)
-    lin_ctx = MultiTaskData(linear_bank, tasks, config) if len(banks) > 1 else None
+    ctx = MultiTaskData(bank, tasks, config, evaluator)
+    lin_ctx = MultiTaskData(linear_bank, tasks, config, evaluator) if len(banks) > 1 else None
     composers: dict[str, Composer] = {}
 
     bar = tqdm(config.methods, desc="task addition", disable=not config.progress)

@@ -24,6 +24,9 @@ from taskvec.train import TrainConfig, TrainResult, fit
 from taskvec.vectors import TaskVector
 
 DEFAULT_RESULTS = Path("runs")
+# accuracy(model, head, split, resolution, **norm): every score a recipe computes goes through one, so a
+# test can inject a spy (or a label scrambler) and prove which splits steer the choices.
+Evaluator = Callable[..., float]
 
 
 @dataclass
@@ -208,8 +211,10 @@ class MultiTaskSetup:
 class MultiTaskData:
     """What every multi-task method needs: base, norm, heads, data parts, fine-tuned accuracies of one bank."""
 
-    def __init__(self, bank: Bank, tasks: Sequence[str], config: MultiTaskSettings) -> None:
-        self.bank = bank
+    def __init__(
+        self, bank: Bank, tasks: Sequence[str], config: MultiTaskSettings, evaluator: Evaluator = accuracy
+    ) -> None:
+        self.bank, self.evaluator = bank, evaluator
         self.tasks = list(tasks)
         self.base, self.norm, self.resolution = bank_and_norm(bank)
         self.heads = {t: bank.head(t).freeze() for t in tasks}
@@ -224,7 +229,8 @@ class MultiTaskData:
 
     def selection_scores(self, model: nn.Module) -> dict[str, float]:
         """Accuracy on each task's selection part (validation data)."""
-        return {t: accuracy(model, self.heads[t], self.select[t], self.resolution, **self.norm) for t in self.tasks}
+        return {t: self.evaluator(model, self.heads[t], self.select[t], self.resolution, **self.norm)
+                for t in self.tasks}
 
     def selection_score(self, model: nn.Module) -> float:
         scores = self.selection_scores(model)
@@ -232,7 +238,8 @@ class MultiTaskData:
 
     def test_scores(self, model: nn.Module) -> dict[str, float]:
         """Accuracy on each task's test split: the report, never a choice."""
-        return {t: accuracy(model, self.heads[t], self.test[t], self.resolution, **self.norm) for t in self.tasks}
+        return {t: self.evaluator(model, self.heads[t], self.test[t], self.resolution, **self.norm)
+                for t in self.tasks}
 
     def vectors(self):
         return self.bank.vectors(self.tasks)

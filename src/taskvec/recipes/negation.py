@@ -45,7 +45,7 @@ from taskvec.experiment import RecordStore, fingerprint, history, plot_bars
 from taskvec.io import write_json
 from taskvec.merging import alpha_search
 from taskvec.objectives import negation
-from taskvec.recipes.common import DEFAULT_RESULTS, bank_and_norm, bank_identity
+from taskvec.recipes.common import DEFAULT_RESULTS, Evaluator, bank_and_norm, bank_identity
 from taskvec.report import markdown_table, plot_coefficients, write_results
 from taskvec.train import TrainConfig, fit
 
@@ -117,15 +117,16 @@ class _Side:
 class _Job:
     """A (target, control) pair in one bank, with its selection rule."""
 
-    def __init__(self, bank: Bank, target: str, control: str, config: NegationConfig) -> None:
-        self.bank, self.config = bank, config
+    def __init__(self, bank: Bank, target: str, control: str, config: NegationConfig,
+                 evaluator: Evaluator = accuracy) -> None:
+        self.bank, self.config, self.evaluator = bank, config, evaluator
         self.base, self.norm, self.resolution = bank_and_norm(bank)
         self.target, self.control = _Side(bank, target, config), _Side(bank, control, config)
         self.reference = self._acc(self.base, self.control, "select")  # pre-trained control accuracy (val)
         self.trace: list[dict] = []
 
     def _acc(self, model: nn.Module, side: _Side, split: str) -> float:
-        return accuracy(model, side.head, getattr(side, split), self.resolution, **self.norm)
+        return self.evaluator(model, side.head, getattr(side, split), self.resolution, **self.norm)
 
     def selection(self, model: nn.Module) -> float:
         """The 95% rule on the selection parts (validation data); records both accuracies."""
@@ -215,8 +216,11 @@ def run_negation(
     bank: Bank | None = None,
     linear_bank: Bank | None = None,
     tasks: Sequence[str] = DEFAULT_TASKS,
+    evaluator: Evaluator = accuracy,
 ) -> dict:
-    """Negate every target by every method; returns the payload written to ``<out>/negation.json``."""
+    """Negate every target by every method; returns the payload written to ``<out>/negation.json``.
+
+    ``evaluator`` computes every accuracy (selection and report): tests inject spies through it."""
     config = config or NegationConfig()
     tasks = tuple(tasks)
     _check(config, tasks)
@@ -253,7 +257,7 @@ def run_negation(
             linearized = method in LINEARISED
             use = banks[1] if linearized else bank
             if linearized not in jobs:
-                jobs[linearized] = _Job(use, target, control, config)
+                jobs[linearized] = _Job(use, target, control, config, evaluator)
             job = jobs[linearized]
             tic = time.perf_counter()
             job.trace = []

@@ -3,14 +3,15 @@
 Two parts (``--parts``):
 
 - ``addition``: the whole bank merged for every task. aTLAS is trained as the addition recipe's
-  ``atlas`` row (:func:`~taskvec.recipes.common.train_multitask`) and the variational composer is trained on exactly the same validation parts:
-  each task's validation split cut into a fitting part and a selection part, the epoch chosen on the
-  selection part, test labels read only for the report. The objective is the multi-task ELBO (each
-  task through its own frozen head, as aTLAS's multi-task cross-entropy) with a KL warm-up.
+  ``atlas`` row (:func:`~taskvec.recipes.common.train_multitask`) and the variational composer is
+  trained on exactly the same validation parts: each task's validation split cut into a fitting part
+  and a selection part, the epoch chosen on the selection part, test labels read only for the report.
+  The objective is the multi-task ELBO (each task through its own frozen head, as aTLAS's multi-task
+  cross-entropy) with a KL warm-up.
 - ``fewshot``: leave-one-out targets, k shots per class from the target's validation split, the
   same :func:`few_shot_split` per (k, seed) for both methods; aTLAS is the few-shot recipe's
-  :func:`~taskvec.recipes.common.learn_atlas`, the variational composer trains on the same shots and selects on the same
-  held-out shots.
+  :func:`~taskvec.recipes.common.learn_atlas`, the variational composer trains on the same shots and
+  selects on the same held-out shots.
 
 At test time the variational composer uses its deterministic gate. The report gives accuracy, the
 fraction of coefficients the gate keeps (a heatmap per vector and block), and the inference cost per
