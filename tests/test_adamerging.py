@@ -42,7 +42,8 @@ def _oracle(base, vectors, heads, inputs, granularity, config: AdaMergingConfig)
     for batch in _loader(inputs).epoch(torch.Generator()):
         optimizer.zero_grad()
         coefficients = composer.coefficients.clamp(*config.clamp)
-        loss = sum(_entropy(h(composer(x, coefficients=coefficients))).mean() for h, x in zip(heads, batch, strict=True))
+        terms = [_entropy(h(composer(x, coefficients=coefficients))).mean() for h, x in zip(heads, batch, strict=True)]
+        loss = sum(terms)
         loss.backward()
         optimizer.step()
     return composer.coefficients.detach().clamp(*config.clamp)

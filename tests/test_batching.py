@@ -63,6 +63,7 @@ def test_mixed_loader_takes_every_part_in_every_batch():
     batches = list(loader.epoch(torch.Generator().manual_seed(0)))
     assert len(batches) == len(loader)
     for (x0, y0), (x1, y1) in batches:
+        assert torch.equal(y1, torch.tensor(_index(x1)) % 3)
         assert x0.shape[0] == 3 and x1.shape[0] == 2
         assert all(i < 10 for i in _index(x0)) and all(100 <= i < 105 for i in _index(x1))
         assert torch.equal(y0, torch.tensor(_index(x0)) % 3)  # labels stay with their images
