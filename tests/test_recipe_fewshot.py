@@ -10,11 +10,13 @@ import pytest
 import synthetic
 import torch
 
+import taskvec.recipes.common as common
 import taskvec.recipes.fewshot as fewshot
 from taskvec.bank import Bank, BankConfig
 from taskvec.data import ImageSet
+from taskvec.experiment import mean_se, summarize
 from taskvec.recipes.common import CoefficientSchedule
-from taskvec.recipes.fewshot import METHODS, FewShotConfig, mean_se, run_fewshot, summarize
+from taskvec.recipes.fewshot import METHODS, FewShotConfig, run_fewshot
 
 TASKS = ("alpha", "beta", "gamma")
 CONFIG = BankConfig(backbone="tiny_cnn", resolution=16, epochs=2, lr=3e-3, batch_size=16, pretrained=False)
@@ -166,7 +168,7 @@ def test_training_and_selection_see_only_the_k_shot_data(bank, tmp_path, monkeyp
     """Every split a method trains on or is scored on before the end is drawn from the target's
     validation split (its head was fitted on the training split) and holds at most k images per class."""
     seen: list[tuple[str, object]] = []
-    real_score, real_loader, real_select = fewshot.score, fewshot.image_loader, fewshot.selection_metric
+    real_score, real_loader, real_select = common.score, common.image_loader, common.selection_metric
 
     def spy_score(logits, split):
         seen.append(("score", split))
@@ -180,9 +182,11 @@ def test_training_and_selection_see_only_the_k_shot_data(bank, tmp_path, monkeyp
         seen.append(("select", split))
         return real_select(logits, split)
 
-    monkeypatch.setattr(fewshot, "score", spy_score)
-    monkeypatch.setattr(fewshot, "image_loader", spy_loader)
-    monkeypatch.setattr(fewshot, "selection_metric", spy_select)
+    # The few-shot methods live in the recipe; aTLAS and fine-tuning train through recipes.common.
+    for module in (fewshot, common):
+        monkeypatch.setattr(module, "score", spy_score)
+        monkeypatch.setattr(module, "selection_metric", spy_select)
+    monkeypatch.setattr(common, "image_loader", spy_loader)
     run_fewshot(small_config(tmp_path, targets=("gamma",), shots=(4,), seeds=(0,), ood=False), bank=bank, tasks=TASKS)
 
     task = synthetic.loader("gamma", seed=CONFIG.seed)
