@@ -13,10 +13,10 @@ import argparse
 import hashlib
 import itertools
 import json
-import warnings
 import math
 import types
 import typing
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, fields, is_dataclass
