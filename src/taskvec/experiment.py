@@ -89,7 +89,11 @@ class RecordStore:
         return [r for r in records if r["method"] in methods]
 
     def put(self, job: str, value: Any) -> None:
+        from taskvec.distributed import is_writer
+
         self.done[job] = value
+        if not is_writer():  # under torchrun every rank computes the same record; rank 0 appends it
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as handle:
             handle.write(json.dumps({"fingerprint": self.fingerprint, "job": job, "value": json_safe(value)}) + "\n")

@@ -29,6 +29,10 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, *
 
 
 def _save_figure(figure, path: Path) -> Path:
+    from taskvec.distributed import is_writer
+
+    if not is_writer():  # under torchrun every rank holds the same figure; rank 0 writes it
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
@@ -106,9 +110,12 @@ def plot_lines(
 
 def write_results(directory: Path | str, name: str, payload: dict, table: str) -> tuple[Path, Path]:
     """``<name>.json`` with everything measured and ``<name>.md`` with the table people read."""
+    from taskvec.distributed import is_writer
     from taskvec.io import atomic_write_text
 
     directory = Path(directory)
+    if not is_writer():  # under torchrun every rank holds the same results; rank 0 writes them
+        return directory / f"{name}.json", directory / f"{name}.md"
     json_path = write_json(directory / f"{name}.json", payload)
     md_path = atomic_write_text(directory / f"{name}.md", table + "\n")
     return json_path, md_path
