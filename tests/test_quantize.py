@@ -257,3 +257,95 @@ def test_any_range_dequantises_like_the_whole_block(spec):
         for stop in range(start + 1, 43):
             part = q.dequantize_range(stored.codes, stored.scales, scheme.format, stored.group, start, stop)
             assert torch.equal(part, whole[start:stop]), (start, stop)
+
+
+def _by_hand(base, vectors, layout, coefficients):
+    """Independent oracle: theta_0 + sum_i Lambda_i[column of each element] * dense_i, element by element."""
+    weights = {}
+    for name, param in parameter_blocks(base).items():
+        parts = layout.blocks[name]
+        numel = param.numel()
+        if parts.index is not None:
+            owner = parts.index
+        elif parts.sizes is not None:
+            owner = torch.cat([torch.full((int(s),), k) for k, s in enumerate(parts.sizes)])
+        else:
+            owner = torch.zeros(numel, dtype=torch.long)
+        columns = torch.as_tensor(parts.columns)[owner]
+        delta = torch.zeros(numel)
+        for i, vector in enumerate(vectors):
+            if name in vector.names:
+                delta += coefficients[i, columns] * vector.dense_block(name).reshape(-1)
+        weights[name] = param.detach() + delta.reshape(param.shape)
+    return weights
+
+
+@pytest.mark.parametrize(("granularity", "mix"), [("block", False), ("x4", False), ("x4-random", False),
+                                                  ("block", True)])
+def test_plain_composer_fuses_quantised_banks(monkeypatch, base, bank, images, granularity, mix):
+    """Composer itself composes quantised vectors in its fused kernel (x K too, and dense + quantised rows of
+    one block), never via the generic per-block path, and matches the composition written out by hand."""
+    from torch.func import functional_call
+
+    from taskvec import compose
+
+    quantized = quantize_bank(bank, "int4-g5")
+    vectors = [bank[0], *quantized[1:]] if mix else quantized
+
+    def generic(*args, **kwargs):
+        raise AssertionError("the generic per-block path ran")
+
+    monkeypatch.setattr(compose, "quantized_weighted_sum", generic)
+    composer = Composer(base, vectors, granularity, chunk=7)
+    assert composer._fused is not None
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(5)
+        composer.coefficients.copy_(torch.randn(composer.coefficients.shape, generator=generator))
+    coefficients = composer.coefficients.detach().clone().requires_grad_(True)
+    expected = functional_call(base, _by_hand(base, vectors, composer.layout, coefficients), (images,))
+    out = composer(images)
+    assert torch.allclose(out, expected, atol=1e-5)
+    out.logsumexp(-1).sum().backward()
+    expected.logsumexp(-1).sum().backward()
+    assert torch.allclose(composer.coefficients.grad, coefficients.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", SCHEMES)
+def test_content_fingerprint_is_the_dequantised_vectors(tmp_path, base, bank, spec):
+    vectors = quantize_bank(bank, spec)
+    prints = [v.content_fingerprint() for v in vectors]
+    assert len(set(prints)) == len(prints)  # different vectors, different prints
+    assert prints[0] == vectors[0].to_dense().content_fingerprint()
+    if spec in ("fp32", "bf16"):  # the print samples bf16-rounded values, so these keep the dense print
+        assert prints[0] == bank[0].content_fingerprint()
+    loaded = QuantizedTaskVector.load(vectors[0].save(tmp_path / "v.safetensors"))
+    assert loaded.content_fingerprint() == prints[0]
+
+
+def test_coefficients_move_between_quantised_and_dequantised_banks(tmp_path, base, bank):
+    quantized = quantize_bank(bank, "int8-row")
+    composer = Composer(base, quantized, "x2", init=0.3)
+    with torch.no_grad():
+        composer.coefficients.add_(torch.arange(composer.coefficients.numel()).reshape(composer.coefficients.shape))
+    path = composer.save_coefficients(tmp_path / "c.safetensors")
+    twin = Composer(base, [v.to_dense() for v in quantized], "x2", check_base=False)
+    twin.load_coefficients(path)
+    assert torch.equal(twin.coefficients, composer.coefficients)
+    swapped = Composer(base, [quantized[1], quantized[0], quantized[2]], "x2")
+    with pytest.raises(CheckpointError, match="vector"):
+        swapped.load_coefficients(path)
+
+
+def test_saved_quantised_vector_is_digest_checked(tmp_path, bank):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = QuantizedTaskVector.from_vector(bank[0], "int8-row").save(tmp_path / "v.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        raw = dict(handle.metadata())
+    assert "taskvec_sha256" in raw
+    tensors = load_file(str(path))
+    tensors["fc.weight.codes"][0] += 1  # one code off by one step: shapes and dtypes still fit
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=raw)
+    with pytest.raises(CheckpointError, match="sha256"):
+        QuantizedTaskVector.load(tmp_path / "bad.safetensors")

@@ -15,14 +15,15 @@ import mmap
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TypedDict
+from typing import Protocol, TypedDict, cast
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from taskvec.granularity import Granularity, Layout
+from taskvec.granularity import BlockParts, Granularity, Layout
 from taskvec.io import CheckpointError, PathLike, atomic_save_safetensors, load_state_dict, read_safetensors_metadata
+from taskvec.quantize import DEFAULT_CHUNK, QuantizedStack, QuantizedTaskVector, quantized_weighted_sum
 from taskvec.vectors import AnyTaskVector, LoraTaskVector, TaskVector, fingerprint, parameter_blocks
 
 
@@ -134,6 +135,35 @@ class _DenseStack:
         return total
 
 
+class _BlockStack(Protocol):
+    """What the fused kernel needs of one block's stored vectors (dense, quantised or chained)."""
+
+    def weighted_sum(self, weights: Tensor, base: Tensor | None = None) -> Tensor: ...
+
+    def contract(self, grad: Tensor) -> Tensor: ...
+
+
+class _ChainedStack:
+    """Several stacks of one block (e.g. its dense rows, then its quantised rows) read as one.
+
+    ``weights`` / the contraction are split by ``counts`` in order, so the fused kernel sees a single
+    (sum(counts),)-row stack whose rows are the concatenation of the parts' rows.
+    """
+
+    def __init__(self, stacks: Sequence[_BlockStack], counts: Sequence[int]) -> None:
+        self.stacks = list(stacks)
+        self.counts = list(counts)
+
+    def weighted_sum(self, weights: Tensor, base: Tensor | None = None) -> Tensor:
+        for stack, part in zip(self.stacks, weights.split(self.counts), strict=True):
+            base = stack.weighted_sum(part, base)
+        assert base is not None
+        return base
+
+    def contract(self, grad: Tensor) -> Tensor:
+        return torch.cat([stack.contract(grad).to(grad.dtype) for stack in self.stacks])
+
+
 class _WeightedSum(torch.autograd.Function):
     """``weights @ stack`` that keeps only the stored (possibly bf16) stack for backward.
 
@@ -187,9 +217,12 @@ class _ComposeBlocks(torch.autograd.Function):
         # The composition itself never runs under autocast: bases keep their dtype, sums accumulate
         # in the coefficients' dtype; the network that consumes the blocks autocasts as usual.
         with torch.no_grad(), torch.autocast(coefficients.device.type, enabled=False):
-            for (stack, rows, column), base in zip(plan, bases, strict=True):
-                weights = coefficients[:, column] if rows is None else coefficients[rows, column]
-                composed = stack.weighted_sum(weights, base.reshape(-1))
+            for (stack, rows, column, parts), base in zip(plan, bases, strict=True):
+                selected = coefficients if rows is None else coefficients[rows]
+                if parts is None:
+                    composed = stack.weighted_sum(selected[:, column], base.reshape(-1))
+                else:  # only quantised stacks take per-part weights (m, K); see _fused_plan
+                    composed = stack.weighted_sum(selected[:, column], base.reshape(-1), parts=parts)
                 outputs.append(composed.to(base.dtype).view(base.shape))
         return tuple(outputs)
 
@@ -197,12 +230,18 @@ class _ComposeBlocks(torch.autograd.Function):
     def backward(ctx, *grads: Tensor):  # type: ignore[override]
         plan = ctx.plan
         total: Tensor | None = None
-        for (stack, rows, column), grad in zip(plan, grads, strict=True):
+        for (stack, rows, column, parts), grad in zip(plan, grads, strict=True):
             if grad is None:
                 continue
             if total is None:
                 total = torch.zeros(ctx.coefficient_shape, dtype=ctx.coefficient_dtype, device=grad.device)
-            contribution = stack.contract(grad.reshape(-1).to(ctx.coefficient_dtype))
+            flat = grad.reshape(-1).to(ctx.coefficient_dtype)
+            if parts is not None:
+                contribution = stack.contract(flat, parts=parts, num_parts=parts.parts)
+                index = (slice(None), column) if rows is None else (rows[:, None], column[None, :])
+                total[index] += contribution.to(total.dtype)
+                continue
+            contribution = stack.contract(flat)
             if rows is None:
                 total[:, column] += contribution.to(total.dtype)
             else:
@@ -224,11 +263,16 @@ class _Bank(nn.Module):
 
 
 class _BlockPlan(TypedDict):
-    """How one block is composed: which vectors are dense, which LoRA, and the column of a 1-part block."""
+    """How one block is composed: which vectors are dense, LoRA or quantised, and the column of a 1-part block."""
 
     dense: list[int]
     lora: list[int]
+    quantized: list[int]
     column: int
+
+
+# (block, stack, rows or None for all vectors, column (1 part) or columns (K parts), parts if K > 1)
+_FusedEntry = tuple[str, _BlockStack | QuantizedStack, Tensor | None, int | Tensor, BlockParts | None]
 
 
 _SAFETENSORS_DTYPES = {
@@ -310,12 +354,15 @@ class Composer(nn.Module):
     ``linearized=True`` the network is replaced by its first-order expansion at theta_0.
     ``base_eval=True`` keeps the base in eval mode even in ``train()``, so normalisation statistics
     stay frozen, as they were when the vectors were fine-tuned.
+
+    The bank may mix dense, LoRA and :class:`~taskvec.quantize.QuantizedTaskVector` s (one scheme per
+    block); quantised ones stay in storage form and are dequantised ``chunk`` elements at a time.
     """
 
     def __init__(
         self,
         base: nn.Module,
-        vectors: Sequence[AnyTaskVector],
+        vectors: Sequence[AnyTaskVector | QuantizedTaskVector],
         granularity: Granularity | str = "block",
         *,
         init: float | Tensor = 0.0,
@@ -324,8 +371,10 @@ class Composer(nn.Module):
         check_base: bool = True,
         base_eval: bool = True,
         copy_base: bool = True,
+        chunk: int = DEFAULT_CHUNK,
     ) -> None:
         super().__init__()
+        self._chunk = chunk  # elements per dequantised tile of a quantised stack
         if not vectors:
             raise ValueError("the bank is empty: a composer needs at least one task vector")
         # copy_base=False adopts the caller's module (frozen in place): for bases too large to hold twice.
@@ -352,6 +401,7 @@ class Composer(nn.Module):
         self._bank = _Bank()
         self._scratch = _Scratch()
         self._stacks: dict[str, _DenseStack] = {}
+        self.stacks = nn.ModuleDict()  # quantised stacks by block position (modules, so .to() moves them)
         self._plan: dict[str, _BlockPlan] = {}
         for position, name in enumerate(wanted):
             self._plan[name] = self._stack_block(position, name, vectors)
@@ -367,11 +417,19 @@ class Composer(nn.Module):
 
     # -- construction helpers ------------------------------------------------------------------
 
-    def _stack_block(self, position: int, name: str, vectors: Sequence[AnyTaskVector]) -> _BlockPlan:
+    def _stack_block(
+        self, position: int, name: str, vectors: Sequence[AnyTaskVector | QuantizedTaskVector]
+    ) -> _BlockPlan:
         dense = [i for i, v in enumerate(vectors) if isinstance(v, TaskVector) and name in v.names]
         loras = {i: v for i, v in enumerate(vectors) if isinstance(v, LoraTaskVector) and name in v.names}
         lora = list(loras)
-        plan: _BlockPlan = {"dense": dense, "lora": lora, "column": int(self.layout.blocks[name].columns[0])}
+        quantized = [i for i, v in enumerate(vectors) if isinstance(v, QuantizedTaskVector) and name in v.names]
+        plan: _BlockPlan = {"dense": dense, "lora": lora, "quantized": quantized,
+                            "column": int(self.layout.blocks[name].columns[0])}
+        if quantized:
+            chosen = [vectors[i] for i in quantized]
+            self.stacks[str(position)] = QuantizedStack.of(chosen, name, chunk=self._chunk)  # type: ignore[arg-type]
+            self._bank.put(f"quant_idx_{position}", torch.tensor(quantized, dtype=torch.long))
         if dense:
             dtype = vectors[dense[0]].tensors[name].dtype  # type: ignore[union-attr]
             for i in dense[1:]:
@@ -393,7 +451,7 @@ class Composer(nn.Module):
             self._bank.put(f"lora_scale_{position}", scale)
         return plan
 
-    def _fill_dense(self, vectors: Sequence[AnyTaskVector]) -> None:
+    def _fill_dense(self, vectors: Sequence[AnyTaskVector | QuantizedTaskVector]) -> None:
         """Copy every dense vector into its rows of the stacks, one vector at a time.
 
         Why vector-major: a memory-mapped vector (:meth:`from_files`) drops its pages right after its
@@ -434,25 +492,42 @@ class Composer(nn.Module):
 
     GROUP_ELEMENTS = 1 << 22  # blocks per autograd node: their gradients (16 MiB fp32) are alive together
 
-    def _fused_plan(self, n: int) -> list[list[tuple[str, _DenseStack, Tensor | None, int]]] | None:
-        """Groups of (block, stack, rows, column) when every block is dense with one column, else None.
+    def _fused_plan(self, n: int) -> list[list[_FusedEntry]] | None:
+        """Groups of (block, stack, rows, column(s), parts) when no block holds LoRA, else None.
+
+        A block split into K > 1 parts is fused only when all its vectors are quantised (their stack
+        takes per-part weights); a dense block must have one column. Dense and quantised rows of one
+        block are read as one :class:`_ChainedStack`.
 
         Why groups: one autograd node for many small blocks saves per-block bookkeeping, but its
         backward waits for all of its blocks' gradients, so a group is capped at GROUP_ELEMENTS.
         """
         if self.linearized:
             return None
-        plan: list[tuple[str, _DenseStack, Tensor | None, int]] = []
+        plan: list[_FusedEntry] = []
         for name in self.block_names:
             info = self._plan[name]
-            if info["lora"] or self.layout.blocks[name].parts != 1:
+            parts = self.layout.blocks[name]
+            dense, quantized = list(info["dense"]), list(info["quantized"])
+            if info["lora"] or (parts.parts != 1 and dense):
                 return None
-            dense = list(info["dense"])  # type: ignore[call-overload]
-            if not dense:  # no vector covers this block: it stays at theta_0
+            if not dense and not quantized:  # no vector covers this block: it stays at theta_0
                 continue
-            rows = None if dense == list(range(n)) else torch.tensor(dense, dtype=torch.long)
-            plan.append((name, self._stacks[name], rows, int(info["column"])))  # type: ignore[call-overload]
-        groups: list[list[tuple[str, _DenseStack, Tensor | None, int]]] = [[]]
+            order = dense + quantized
+            rows = None if order == list(range(n)) else torch.tensor(order, dtype=torch.long)
+            stack: _BlockStack | QuantizedStack
+            if not quantized:
+                stack = self._stacks[name]
+            elif not dense:
+                stack = self._quantized_stack(self._positions[name])
+            else:
+                stack = _ChainedStack([self._stacks[name], self._quantized_stack(self._positions[name])],
+                                      [len(dense), len(quantized)])
+            if parts.parts == 1:
+                plan.append((name, stack, rows, int(info["column"]), None))
+            else:
+                plan.append((name, stack, rows, torch.as_tensor(parts.columns, dtype=torch.long), parts))
+        groups: list[list[_FusedEntry]] = [[]]
         size = 0
         for entry in plan:
             numel = int(self.layout.shapes[entry[0]].numel())
@@ -462,6 +537,9 @@ class Composer(nn.Module):
             groups[-1].append(entry)
             size += numel
         return groups
+
+    def _quantized_stack(self, position: int) -> QuantizedStack:
+        return cast(QuantizedStack, self.stacks[str(position)])
 
     def _initial(self, init: float | Tensor, n: int) -> Tensor:
         columns = self.layout.num_columns
@@ -512,6 +590,10 @@ class Composer(nn.Module):
                 a = self._bank.get(f"lora_a_{position}").to(coefficients.dtype)
                 lora = ((b * rank_weights) @ a).reshape(-1)
                 total = lora if total is None else total + lora
+            if plan["quantized"]:
+                weights = column[self._bank.get(f"quant_idx_{position}")]
+                quantized = quantized_weighted_sum(weights, self._quantized_stack(position))
+                total = quantized if total is None else total + quantized
         else:
             elements = self._element_weights(position, name, coefficients)
             if plan["dense"]:
@@ -525,6 +607,10 @@ class Composer(nn.Module):
                 scale = self._bank.get(f"lora_scale_{position}")[rows][0]
                 lora = elements[i] * (b @ a).reshape(-1) * scale
                 total = lora if total is None else total + lora
+            if plan["quantized"]:
+                weights = coefficients[self._bank.get(f"quant_idx_{position}")][:, parts.columns]
+                quantized = quantized_weighted_sum(weights, self._quantized_stack(position), parts)
+                total = quantized if total is None else total + quantized
         assert total is not None
         return total.reshape(shape)
 
@@ -540,8 +626,9 @@ class Composer(nn.Module):
         if self._fused is not None and _is_plain(coefficients):
             result: dict[str, Tensor] = {}
             for group in self._fused:
-                plan = [(stack, None if rows is None else rows.to(coefficients.device), column)
-                        for _, stack, rows, column in group]
+                plan = [(stack, None if rows is None else rows.to(coefficients.device),
+                         column if isinstance(column, int) else column.to(coefficients.device), parts)
+                        for _, stack, rows, column, parts in group]
                 bases = [params[name].detach() for name, *_ in group]
                 composed = _ComposeBlocks.apply(coefficients, plan, *bases)
                 result.update(zip([name for name, *_ in group], composed, strict=True))
@@ -591,6 +678,12 @@ class Composer(nn.Module):
             params[name].copy_(value)
         merged.requires_grad_(True)
         return merged.eval()
+
+    def bank_nbytes(self) -> int:
+        """Bytes the bank occupies in this composer: dense/LoRA buffers plus quantised stacks in storage form."""
+        indexes = ("sizes", "index", "dense_idx", "quant_idx", "lora_owner")
+        held = [*self.stacks.buffers(), *(b for n, b in self._bank.named_buffers() if not n.startswith(indexes))]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def block_coefficients(self) -> Tensor:
         """(n_vectors, n_blocks) mean coefficient per block: what a heatmap shows."""

@@ -16,9 +16,12 @@ Schemes (:class:`QuantScheme`, spelled ``fp32``, ``bf16``, ``fp16``, ``int8-row`
   (``block``), one output row (``row``; 0-d/1-d blocks use one group) or ``g<N>`` contiguous elements
   of the flattened block. int4 codes are stored as ``code + 8`` nibbles, two per byte.
 
-:class:`QuantizedTaskVector` saves and loads as safetensors (codes and scales per block, scheme and
-shapes in the metadata). :func:`quantized_weighted_sum` is the composition kernel, and
-:class:`QuantizedComposer` a :class:`~taskvec.compose.Composer` that accepts quantised vectors.
+:class:`QuantizedTaskVector` saves and loads as digest-checked safetensors (codes and scales per
+block, scheme and shapes in the metadata). :class:`QuantizedStack` is one block's quantised vectors in
+the per-block stack interface of :mod:`taskvec.compose` (``weighted_sum`` / ``contract``), so the
+plain :class:`~taskvec.compose.Composer` composes quantised vectors in its fused kernel;
+:func:`quantized_weighted_sum` is the same kernel as an autograd function for the generic path.
+``QuantizedComposer`` remains as a name for :class:`~taskvec.compose.Composer`.
 """
 
 from __future__ import annotations
@@ -26,18 +29,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from taskvec.compose import Composer
-from taskvec.granularity import BlockParts, Granularity
+from taskvec.granularity import BlockParts
 from taskvec.io import CheckpointError, PathLike, atomic_save_safetensors, load_state_dict, read_safetensors_metadata
-from taskvec.vectors import FORMAT_VERSION, AnyTaskVector, LoraTaskVector, TaskVector, _VectorBase
+from taskvec.vectors import FORMAT_VERSION, AnyTaskVector, LoraTaskVector, TaskVector, _VectorBase, fingerprint
 
 FLOAT_FORMATS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INT_FORMATS: dict[str, int] = {"int8": 127, "int4": 7}  # format -> qmax (symmetric codes in [-qmax, qmax])
@@ -281,6 +283,17 @@ class QuantizedTaskVector(_VectorBase):
     def dense_block(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
         return dequantize_block(self.blocks[name], self.scheme.format, dtype or torch.float32)
 
+    def content_fingerprint(self) -> str:
+        """The print of the dequantised values: equal to ``self.to_dense().content_fingerprint()``.
+
+        Why dequantised: the composer computes with exactly those values, so coefficients learned on a
+        quantised bank load into a composer of its dequantised twin and back; fp32/bf16 storage of a
+        dense vector keeps that vector's print (it is taken over bf16-rounded samples), while int8/int4
+        rounding gives another print, as the values differ. Codes are stored bit for bit, so the print
+        survives save/load. Blocks are dequantised one at a time, never the whole vector.
+        """
+        return fingerprint(_DequantizedBlocks(self))
+
     def to_dense(self, dtype: torch.dtype = torch.float32) -> TaskVector:
         """The dequantised vector (what the composition kernel computes with)."""
         meta = {k: v for k, v in self.metadata.items() if k != "fingerprint_blocks"}
@@ -355,6 +368,22 @@ class QuantizedTaskVector(_VectorBase):
         return cls(blocks, scheme, metadata=rest)
 
 
+class _DequantizedBlocks(Mapping[str, Tensor]):
+    """A read-only view of a quantised vector's blocks, each dequantised to fp32 only when read."""
+
+    def __init__(self, vector: QuantizedTaskVector) -> None:
+        self.vector = vector
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.vector.dense_block(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.vector.blocks)
+
+    def __len__(self) -> int:
+        return len(self.vector.blocks)
+
+
 def quantize_bank(vectors: Iterable[AnyTaskVector], scheme: QuantScheme | str) -> list[QuantizedTaskVector]:
     """Quantise every vector of a bank under one scheme."""
     return [QuantizedTaskVector.from_vector(vector, scheme) for vector in vectors]
@@ -391,6 +420,14 @@ class QuantizedStack(nn.Module):
         self.chunk = chunk
         self.register_buffer("codes", torch.stack([b.codes for b in blocks]), persistent=False)
         self.register_buffer("scales", torch.stack([b.scales for b in blocks]), persistent=False)
+
+    @classmethod
+    def of(cls, vectors: Sequence[QuantizedTaskVector], name: str, *, chunk: int = DEFAULT_CHUNK) -> QuantizedStack:
+        """Block ``name`` of every vector (in order) as one stack; all must share one scheme."""
+        schemes = sorted({str(v.scheme) for v in vectors})
+        if len(schemes) > 1:
+            raise ValueError(f"block '{name}': one composer stores one scheme per block; the bank mixes {schemes}")
+        return cls([v.blocks[name] for v in vectors], vectors[0].scheme, chunk=chunk)
 
     def _apply(self, fn, recurse: bool = True):
         """``.to(dtype)`` / ``.double()`` must not cast the stored codes or scales; only devices move."""
@@ -485,53 +522,13 @@ def quantized_weighted_sum(weights: Tensor, stack: QuantizedStack, parts: BlockP
     return _QuantizedWeightedSum.apply(weights, stack, parts)
 
 
-class QuantizedComposer(Composer):
-    """A :class:`~taskvec.compose.Composer` whose bank may hold :class:`QuantizedTaskVector` s.
+def __getattr__(name: str) -> Any:
+    """``QuantizedComposer``: the plain Composer, which now stacks quantised vectors itself.
 
-    Quantised vectors are stacked per block in storage form (one scheme per composer) and composed by
-    :func:`quantized_weighted_sum`; dense and LoRA vectors in the same bank go the usual way.
+    Resolved lazily because :mod:`taskvec.compose` imports this module.
     """
+    if name == "QuantizedComposer":
+        from taskvec.compose import Composer
 
-    def __init__(self, base: nn.Module, vectors: Sequence[AnyTaskVector | QuantizedTaskVector],
-                 granularity: Granularity | str = "block", *, chunk: int = DEFAULT_CHUNK, **kwargs) -> None:
-        schemes = {str(v.scheme) for v in vectors if isinstance(v, QuantizedTaskVector)}
-        if len(schemes) > 1:
-            raise ValueError(f"one composer stores one scheme; the bank mixes {sorted(schemes)}")
-        self._chunk = chunk
-        self._quantized: dict[str, list[int]] = {}
-        self._stacks_pending: dict[str, QuantizedStack] = {}
-        super().__init__(base, vectors, granularity, **kwargs)  # type: ignore[arg-type]
-        self.stacks = nn.ModuleDict(self._stacks_pending)
-        del self._stacks_pending
-
-    def _stack_block(self, position: int, name: str, vectors: Sequence) -> dict[str, object]:
-        plan = super()._stack_block(position, name, vectors)
-        quantized = [i for i, v in enumerate(vectors) if isinstance(v, QuantizedTaskVector) and name in v.names]
-        self._quantized[name] = quantized
-        if quantized:
-            scheme = vectors[quantized[0]].scheme
-            blocks = [vectors[i].blocks[name] for i in quantized]
-            self._stacks_pending[str(position)] = QuantizedStack(blocks, scheme, chunk=self._chunk)
-        return plan
-
-    def block_delta(self, name: str, coefficients: Tensor) -> Tensor:
-        plan = self._plan[name]
-        total = super().block_delta(name, coefficients).reshape(-1) if plan["dense"] or plan["lora"] else None
-        quantized = self._quantized[name]
-        if quantized:
-            parts = self.layout.blocks[name]
-            stack = cast(QuantizedStack, self.stacks[str(self._positions[name])])
-            rows = coefficients[quantized]
-            if parts.parts == 1:
-                flat = quantized_weighted_sum(rows[:, int(cast(int, plan["column"]))], stack)
-            else:
-                flat = quantized_weighted_sum(rows[:, parts.columns], stack, parts)
-            total = flat if total is None else total + flat
-        assert total is not None
-        return total.reshape(self.layout.shapes[name])
-
-    def bank_nbytes(self) -> int:
-        """Bytes held by the composer's bank: quantised stacks plus any dense/LoRA buffers."""
-        held = [*self.stacks.buffers(), *(b for n, b in self._bank.named_buffers() if not n.startswith(("sizes",
-                                                                                                         "index")))]
-        return sum(t.numel() * t.element_size() for t in held)
+        return Composer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
