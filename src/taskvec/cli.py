@@ -76,6 +76,8 @@ def _vector_info(args: argparse.Namespace) -> int:
         for key, value in sorted(vector.metadata.items()):
             if key not in ("order", "shapes", "scales", "fingerprint_blocks"):
                 print(f"  {key}: {value}")
+        if hasattr(vector, "scheme"):  # quantised: how it is stored and what that costs
+            print(f"  scheme: {vector.scheme}\n  bytes: {vector.nbytes()}")
         print(f"  norm: {(vector.to_dense() if hasattr(vector, 'to_dense') else vector).norm():.6g}")
     return 0
 
