@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from taskvec.compose import Composer
 from taskvec.granularity import BlockParts, Granularity
 from taskvec.io import CheckpointError, PathLike, atomic_save_safetensors, load_state_dict, read_safetensors_metadata
-from taskvec.vectors import FORMAT_VERSION, AnyTaskVector, LoraTaskVector, TaskVector, _VectorBase
+from taskvec.vectors import FORMAT_VERSION, AnyTaskVector, LoraTaskVector, TaskVector, _VectorBase, fingerprint
 
 FLOAT_FORMATS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INT_FORMATS: dict[str, int] = {"int8": 127, "int4": 7}  # format -> qmax (symmetric codes in [-qmax, qmax])
@@ -286,6 +286,20 @@ class QuantizedTaskVector(_VectorBase):
         meta = {k: v for k, v in self.metadata.items() if k != "fingerprint_blocks"}
         meta["kind"] = "dense"
         return TaskVector({key: self.dense_block(key, dtype) for key in self.names}, metadata=meta, check_finite=False)
+
+    def content_fingerprint(self) -> str:
+        """A digest of the stored codes and scales (with block shapes and scheme), without dequantising.
+
+        Why: a :class:`~taskvec.compose.Composer` records which vectors its coefficients scale; a
+        quantised vector is its own vector, so its print differs from the dense one it came from.
+        """
+        stored: dict[str, Tensor] = {}
+        for key, block in self.blocks.items():
+            tag = f"{key}{tuple(block.shape)}:{self.scheme}"
+            stored[f"{tag}.codes"] = block.codes
+            if block.scales.numel():
+                stored[f"{tag}.scales"] = block.scales
+        return fingerprint(stored)
 
     def nbytes(self) -> int:
         """Bytes of the stored codes and scales."""
