@@ -39,6 +39,34 @@ def test_vector_make_and_info(tmp_path, capsys):
     assert "base_fingerprint" in printed and "norm:" in printed
 
 
+def test_vector_info_reads_a_quantised_vector(tmp_path, capsys):
+    from taskvec.quantize import QuantizedTaskVector
+    from taskvec.vectors import load_task_vector
+
+    base = make_base()
+    base_path = _save(base, tmp_path / "base.safetensors")
+    _save(perturbed(base, 1), tmp_path / "ft.safetensors")
+    dense_path = tmp_path / "tau.safetensors"
+    assert main(["vector", "make", str(base_path), str(tmp_path / "ft.safetensors"), "-o", str(dense_path)]) == 0
+    dense = TaskVector.load(dense_path)
+    path = QuantizedTaskVector.from_vector(dense, "fp16").save(tmp_path / "tau-fp16.safetensors")
+    loaded = load_task_vector(path)
+    assert isinstance(loaded, QuantizedTaskVector) and str(loaded.scheme) == "fp16"
+    # Oracle: fp16 storage is the dense blocks rounded to float16, two bytes per entry.
+    rounded = {k: dense[k].to(torch.float16) for k in dense.names}
+    for key, block in rounded.items():
+        assert torch.equal(loaded.dense_block(key), block.float())
+    capsys.readouterr()
+    assert main(["vector", "info", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{path}: QuantizedTaskVector(")
+    assert "  scheme: fp16" in lines and "  kind: quantized" in lines
+    assert f"  bytes: {2 * sum(b.numel() for b in rounded.values())}" in lines
+    norm = torch.sqrt(sum((b.double() ** 2).sum() for b in rounded.values()))
+    printed = float(next(line for line in lines if line.startswith("  norm: ")).split(": ")[1])
+    assert printed == pytest.approx(float(norm), rel=1e-5)
+
+
 def test_vector_make_reports_bad_input(tmp_path, capsys):
     base = make_base()
     base_path = _save(base, tmp_path / "base.safetensors")

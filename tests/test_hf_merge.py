@@ -17,6 +17,7 @@ from taskvec.hf.adapters import load_adapter
 from taskvec.hf.export import dare_seed, merge_to_directory, streaming_thresholds
 from taskvec.io import CheckpointError
 from taskvec.merging import dare, magnitude_threshold, ties_merge
+from taskvec.methods import merge
 from taskvec.vectors import BaseMismatchError, TaskVector
 
 # peft and transformers 5 warn about their own deprecated internals on every model built or loaded.
@@ -99,12 +100,13 @@ def test_ties_and_dare_match_the_library(bank, tmp_path):
     assert chunked[:2] == expected_thresholds[:2]
     assert chunked[2] == pytest.approx(expected_thresholds[2], rel=1e-6)
     params = {k: v.detach() for k, v in bank["base"].named_parameters()}
-    for method, expected in (
-        ("ties", ties_merge(dense, density=0.3, alpha=0.8)),
-        ("dare", sum((_dare_per_block(v, i) for i, v in enumerate(dense)), 0) * 0.8),
+    for method, expected, kwargs in (
+        ("ties", ties_merge(dense, density=0.3, alpha=0.8), {"density": 0.3}),
+        ("dare", sum((_dare_per_block(v, i) for i, v in enumerate(dense)), 0) * 0.8, {"drop_rate": 0.5, "seed": 3}),
     ):
+        # each method takes only the parameters the registry declares for it
         out = merge_to_directory(bank["base_dir"], bank["paths"][:2], tmp_path / method, method=method, alpha=0.8,
-                                 density=0.3, drop_rate=0.5, seed=3, chunk_elements=50)  # many row chunks
+                                 chunk_elements=50, **kwargs)  # many row chunks
         merged = _reload(out).state_dict()
         worst = max(float((merged[k] - params[k] - expected[k]).abs().max()) for k in expected.names)
         assert worst <= 1e-6, method
@@ -123,6 +125,89 @@ def _as_source(vector):
     from taskvec.hf.export import _Source
 
     return _Source(vector.name, vector.name, "x", dict(vector.shapes), vector=vector)
+
+
+def test_cli_flags_go_through_the_registry(bank, tmp_path):
+    """--majority exists because the registry declares it; the registry's in-memory TIES is the oracle."""
+    dense = bank["vectors"][:2]
+    expected = merge("ties", dense, density=0.4, alpha=0.7, majority="frequency")
+    by_mass = merge("ties", dense, density=0.4, alpha=0.7)
+    assert any(not torch.equal(expected[k], by_mass[k]) for k in expected.names)  # the flag must matter
+    out = tmp_path / "ties"
+    args = ["--method", "ties", "--density", "0.4", "--alpha", "0.7", "--majority", "frequency", "-o", str(out)]
+    assert main(["merge", str(bank["base_dir"]), *map(str, bank["paths"][:2]), *args]) == 0
+    merged = _reload(out).state_dict()
+    params = {k: v.detach() for k, v in bank["base"].named_parameters()}
+    assert max(float((merged[k] - params[k] - expected[k]).abs().max()) for k in expected.names) <= 1e-6
+    assert '"majority": "frequency"' in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--method", "nope"], ["'nope'", "sum, ties, dare, dare_ties, learned"]),
+        (["--method", "ties", "--density", "2"], ["'ties'", "'density'", "(0, 1]", "2.0"]),
+        (["--method", "ties", "--density", "lots"], ["'density'", "'lots'"]),
+        (["--method", "dare", "--seed", "-1"], ["'seed'", "-1"]),
+        (["--method", "ties", "--majority", "most"], ["'majority'", "total, frequency", "'most'"]),
+        (["--method", "sum", "--density", "0.5"], ["'sum'", "no parameter 'density'", "alpha"]),
+        (["--method", "learned", "--alpha", "2"], ["'learned'", "alpha"]),
+        (["--method", "sum", "--coefficients", "c.pt"], ["'learned'", "'sum'"]),
+    ],
+)
+def test_cli_bad_method_or_parameter_is_one_line(bank, tmp_path, capsys, args, named):
+    out = tmp_path / "out"
+    assert main(["merge", str(bank["base_dir"]), str(bank["paths"][1]), "-o", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert all(part in err for part in named), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ("method: nope\n", ["'nope'"]),
+        ("method: ties\ndensity: 0\n", ["'density'", "(0, 1]"]),
+        ("method: dare\ndrop_rate: 1.0\n", ["'drop_rate'", "[0, 1)"]),
+        ("method: dare\nseed: 1.5\n", ["'seed'", "1.5"]),
+        ("method: sum\nmajority: total\n", ["'sum'", "no parameter 'majority'"]),
+        ("speed: 3\n", ["unknown keys ['speed']"]),
+    ],
+)
+def test_config_bad_method_or_parameter_is_one_line(bank, tmp_path, capsys, body, named):
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"base: {bank['base_dir']}\nvectors: [{bank['paths'][1]}]\noutput: out\n{body}")
+    assert main(["merge", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(config) in err and all(part in err for part in named), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_parameters_reach_the_merge(bank, tmp_path):
+    """A parameter read from the file equals the same parameter given to the library."""
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"base: {bank['base_dir']}\nvectors: [{bank['paths'][1]}]\noutput: out\n"
+                      "method: ties\ndensity: 0.5\nmajority: frequency\nalpha: 2\n")
+    assert main(["merge", "--config", str(config)]) == 0
+    direct = merge_to_directory(bank["base_dir"], [bank["paths"][1]], tmp_path / "direct", method="ties",
+                                density=0.5, majority="frequency", alpha=2.0)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (direct / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="no parameter 'density'"):
+        merge_to_directory(bank["base_dir"], [bank["paths"][1]], tmp_path / "x", method="dare", density=0.5)
+
+
+def test_list_methods_prints_the_registry(capsys):
+    from taskvec.methods import list_methods
+
+    assert main(["merge", "--list-methods"]) == 0
+    out = capsys.readouterr().out
+    for method in list_methods():
+        assert method.reference in out
+        for param in method.params:
+            assert f"  {param.name} ({param.kind.__name__}, default {param.default!r}, {param.range_text()})" in out
+    assert "learned:" in out
 
 
 def test_dare_ties_runs_and_is_seeded(bank, tmp_path):

@@ -220,6 +220,21 @@ def test_composer_holds_the_small_bank(base, bank):
     assert moved.stacks["0"].codes.dtype == torch.uint8 and moved.stacks["0"].scales.dtype == torch.float32
 
 
+def test_content_fingerprint_follows_the_stored_values(tmp_path, base, bank):
+    """The composer records each vector's print: equal after a file round trip, different for other storage."""
+    int8 = QuantizedTaskVector.from_vector(bank[0], "int8-row")
+    again = QuantizedTaskVector.load(int8.save(tmp_path / "q.safetensors"))
+    assert again.content_fingerprint() == int8.content_fingerprint()
+    others = [QuantizedTaskVector.from_vector(v, spec) for v, spec in ((bank[0], "int4-row"), (bank[1], "int8-row"))]
+    assert all(o.content_fingerprint() != int8.content_fingerprint() for o in others)
+    assert int8.content_fingerprint() != bank[0].content_fingerprint()
+    changed = QuantizedTaskVector.from_vector(bank[0], "int8-row")
+    first = changed.names[0]
+    changed.blocks[first].codes[0] += 1  # one stored code moved: another vector
+    assert changed.content_fingerprint() != int8.content_fingerprint()
+    assert QuantizedComposer(base, [int8]).vector_fingerprints == [int8.content_fingerprint()]
+
+
 def test_mixed_bank_and_lora_source(base, images):
     blocks = parameter_blocks(base)
     g = torch.Generator().manual_seed(4)

@@ -68,6 +68,7 @@ def _vector_make(args: argparse.Namespace) -> int:
 
 
 def _vector_info(args: argparse.Namespace) -> int:
+    from taskvec.quantize import QuantizedTaskVector
     from taskvec.vectors import load_task_vector
 
     for file in args.files:
@@ -76,6 +77,8 @@ def _vector_info(args: argparse.Namespace) -> int:
         for key, value in sorted(vector.metadata.items()):
             if key not in ("order", "shapes", "scales", "fingerprint_blocks"):
                 print(f"  {key}: {value}")
+        if isinstance(vector, QuantizedTaskVector):  # how it is stored and what that costs
+            print(f"  scheme: {vector.scheme}\n  bytes: {vector.nbytes()}")
         print(f"  norm: {(vector.to_dense() if hasattr(vector, 'to_dense') else vector).norm():.6g}")
     return 0
 
@@ -244,8 +247,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- Hugging Face: merge into a model directory, convert old pickles ------------------------------
 
-_MERGE_KEYS = ("base", "vectors", "method", "alpha", "density", "drop_rate", "seed", "coefficients", "output",
-               "force", "max_shard_size")
+_MERGE_KEYS = ("base", "vectors", "method", "coefficients", "output", "force", "max_shard_size")
+
+
+def _merge_params() -> dict[str, list]:
+    """Every parameter name the merge registry declares, with its declarations (one per method)."""
+    from taskvec.hf.export import STREAMING
+    from taskvec.methods import list_methods
+
+    found: dict[str, list] = {}
+    for method in list_methods():
+        if method.name in STREAMING:
+            for param in method.params:
+                found.setdefault(param.name, []).append((method.name, param))
+    return found
+
+
+def _list_methods() -> int:
+    from taskvec.hf.export import LEARNED, STREAMING
+    from taskvec.methods import list_methods
+
+    for method in list_methods():
+        if method.name in STREAMING:
+            print(method.describe())
+    print(f"{LEARNED}: the coefficients a Composer learned (aTLAS, AdaMerging, variational), from --coefficients; "
+          "no parameters")
+    return 0
 
 
 def _merge_config(path: Path) -> dict:
@@ -261,9 +288,10 @@ def _merge_config(path: Path) -> dict:
         raise ValueError(f"{path}: not a readable merge config ({err})") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a merge config is a mapping with keys {list(_MERGE_KEYS)}")
-    unknown = sorted(set(data) - set(_MERGE_KEYS))
+    allowed = [*_MERGE_KEYS, *_merge_params()]
+    unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {list(_MERGE_KEYS)}")
+        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {allowed}")
     for key in ("base", "vectors", "output"):
         if not data.get(key):
             raise ValueError(f"{path}: '{key}' is required")
@@ -279,23 +307,48 @@ def _merge_config(path: Path) -> dict:
     data["vectors"] = [here(v) for v in vectors]
     if data.get("coefficients"):
         data["coefficients"] = here(data["coefficients"])
+    from taskvec.hf.export import merge_parameters
+
+    params = {key: data[key] for key in _merge_params() if key in data}
+    try:  # the registry's check, before any file is opened
+        merge_parameters(str(data.get("method", "sum")), params, coefficients=data.get("coefficients"))
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{path}: {err}") from err
     return data
+
+
+def _merge_params_from_flags(method: str, given: dict[str, str]) -> dict:
+    """Command-line parameter strings parsed by the chosen method's own declarations."""
+    from taskvec.hf.export import LEARNED, merge_parameters
+    from taskvec.methods import get_method
+
+    if method == LEARNED or not given:
+        return dict(given)  # merge_to_directory refuses learned's parameters, naming them
+    merge_parameters(method, {})  # an unknown method: one line naming it and the known ones
+    declared = get_method(method)
+    return {name: declared.param(name).parse(text, method) for name, text in given.items()}
 
 
 def _merge(args: argparse.Namespace) -> int:
     from taskvec.hf.export import merge_to_directory
 
+    if args.list_methods:
+        return _list_methods()
+    given = {name: getattr(args, name) for name in _merge_params() if getattr(args, name) is not None}
     if args.config is not None:
         if args.paths or args.output:
             raise ValueError("give either --config or BASE VECTOR... -o OUT_DIR, not both")
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"with --config the merge parameters go in the file; got {flags}")
         spec = _merge_config(args.config)
         spec["force"] = bool(spec.get("force")) or args.force
     else:
         if len(args.paths) < 2 or args.output is None:
             raise ValueError("taskvec merge needs BASE, at least one VECTOR and -o OUT_DIR (or --config FILE)")
         spec = {"base": args.paths[0], "vectors": args.paths[1:], "output": args.output, "method": args.method,
-                "alpha": args.alpha, "density": args.density, "drop_rate": args.drop_rate, "seed": args.seed,
-                "coefficients": args.coefficients, "force": args.force, "max_shard_size": args.max_shard_size}
+                "coefficients": args.coefficients, "force": args.force, "max_shard_size": args.max_shard_size,
+                **_merge_params_from_flags(args.method, given)}
     spec = {k: v for k, v in spec.items() if v is not None}
     out = merge_to_directory(spec.pop("base"), spec.pop("vectors"), spec.pop("output"), **spec)
     print(f"wrote {out}")
@@ -318,11 +371,17 @@ def _add_hf_commands(commands) -> None:
     )
     merge.add_argument("paths", nargs="*", metavar="BASE VECTOR", help="base, then one or more vectors")
     merge.add_argument("--config", type=Path, default=None, help="a YAML/JSON merge file instead of arguments")
-    merge.add_argument("--method", choices=["sum", "ties", "dare", "dare_ties", "learned"], default="sum")
-    merge.add_argument("--alpha", type=float, default=1.0, help="scale of the merged vector (default: 1)")
-    merge.add_argument("--density", type=float, default=0.2, help="TIES: fraction kept per vector (default: 0.2)")
-    merge.add_argument("--drop-rate", type=float, default=0.9, help="DARE: drop probability (default: 0.9)")
-    merge.add_argument("--seed", type=int, default=0, help="DARE: seed of the drop masks (default: 0)")
+    from taskvec.hf.export import merge_method_names
+
+    merge.add_argument("--method", default="sum", help=f"one of {', '.join(merge_method_names())} (default: sum; "
+                       "see --list-methods)")
+    merge.add_argument("--list-methods", action="store_true", help="print each method's parameters and reference")
+    for name, declared in _merge_params().items():  # one flag per declared parameter, checked per method
+        param = declared[0][1]
+        users = ", ".join(method for method, _ in declared)
+        defaults = sorted({repr(p.default) for _, p in declared})
+        merge.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=param.kind.__name__.upper(),
+                           help=f"{users}: {param.help}; {param.range_text()} (default: {', '.join(defaults)})")
     merge.add_argument("--coefficients", type=Path, default=None, help="learned: a Composer coefficients file")
     merge.add_argument("--max-shard-size", default="5GB", help="shard the safetensors above this (default: 5GB)")
     merge.add_argument("-o", "--output", type=Path, default=None, help="output model directory")

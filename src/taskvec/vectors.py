@@ -18,12 +18,15 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from taskvec.io import CheckpointError, PathLike, atomic_save_safetensors, load_state_dict
+
+if TYPE_CHECKING:
+    from taskvec.quantize import QuantizedTaskVector
 
 FORMAT_VERSION = "1"
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
@@ -702,10 +705,15 @@ class LoraTaskVector(_VectorBase):
 AnyTaskVector = TaskVector | LoraTaskVector
 
 
-def load_task_vector(path: PathLike) -> AnyTaskVector:
-    """Load either storage form from a taskvec safetensors file."""
+def load_task_vector(path: PathLike) -> AnyTaskVector | QuantizedTaskVector:
+    """Load any storage form from a taskvec safetensors file (dense, LoRA or quantised), by its metadata kind."""
     from taskvec.io import read_safetensors_metadata
 
-    if read_safetensors_metadata(path).get("kind") == "lora":
+    kind = read_safetensors_metadata(path).get("kind")
+    if kind == "lora":
         return LoraTaskVector.load(path)
+    if kind == "quantized":
+        from taskvec.quantize import QuantizedTaskVector  # quantize imports this module: load it on use
+
+        return QuantizedTaskVector.load(path)
     return TaskVector.load(path)

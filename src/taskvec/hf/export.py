@@ -7,11 +7,14 @@ computed up front. TIES needs each vector's global magnitude threshold: two extr
 exactly (a histogram of the float bit patterns, high half then low half), equal to
 :func:`taskvec.merging.magnitude_threshold`.
 
-Methods (theta_0 the base, tau_i the vectors, missing blocks of a vector count as zero):
-``sum``: theta_0 + alpha * sum_i tau_i; ``ties``: TIES with ``density`` and ``alpha``; ``dare`` /
+Methods (theta_0 the base, tau_i the vectors, missing blocks of a vector count as zero): the data-free
+merges of :mod:`taskvec.methods`, whose declarations (names, defaults, ranges) validate the parameters
+here too; this module holds their streaming implementations, equal to the registry's in-memory ones.
+``sum``: theta_0 + alpha * sum_i tau_i; ``ties``: TIES with ``density``, ``alpha``, ``majority``; ``dare`` /
 ``dare_ties``: DARE with ``drop_rate``; the mask of vector i on block b is drawn from its own generator,
 seeded :func:`dare_seed` (seed, i, b), so it does not depend on the order in which files list blocks;
-``learned``: the coefficients a :class:`~taskvec.compose.Composer` saved, at their granularity.
+``learned`` (not a registry method: it needs data): the coefficients a :class:`~taskvec.compose.Composer`
+saved, at their granularity.
 
 Writing is atomic: everything goes to a temporary directory beside OUT_DIR, renamed into place at the end.
 """
@@ -19,13 +22,13 @@ Writing is atomic: everything goes to a temporary directory beside OUT_DIR, rena
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,10 +44,15 @@ from taskvec.hf.checkpoints import (
     open_weights,
 )
 from taskvec.io import CheckpointError, PathLike, read_safetensors_metadata
-from taskvec.merging import _check_fraction, _kept_count, disjoint_mean, elect_sign
+from taskvec.merging import _kept_count, disjoint_mean, elect_sign
+from taskvec.methods import MergeParameterError, UnknownMethodError, get_method
+from taskvec.methods import method_names as registered_methods
 from taskvec.vectors import BUFFER_SUFFIXES, AnyTaskVector, BaseMismatchError, LoraTaskVector, fingerprint
 
-METHODS = ("sum", "ties", "dare", "dare_ties", "learned")
+# The registry methods with a streaming implementation below, and the learned composition.
+STREAMING = ("sum", "ties", "dare", "dare_ties")
+LEARNED = "learned"
+METHODS = (*STREAMING, LEARNED)
 DEFAULT_MAX_SHARD = 5 * 1024**3
 _SIZE_UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -369,41 +377,66 @@ def _model_card(base_path: Path, base_print: str, sources: list[_Source], method
     )
 
 
+def merge_parameters(method: str, params: Mapping[str, Any], *, coefficients: object = None) -> dict[str, Any]:
+    """``params`` checked against ``method``'s declaration in :mod:`taskvec.methods`, defaults filled in.
+
+    Why one function: the library, ``taskvec merge`` and its ``--config`` file all validate here, so an
+    unknown method, an undeclared parameter or a value out of range reads the same everywhere.
+    """
+    if method == LEARNED:
+        if params:
+            raise MergeParameterError(
+                f"merge method 'learned' takes no parameters (its coefficients file sets every weight); "
+                f"got {', '.join(sorted(params))}"
+            )
+        if coefficients is None:
+            raise ValueError("merge method 'learned' needs a coefficients file (--coefficients)")
+        return {}
+    if method not in registered_methods():
+        raise UnknownMethodError(f"unknown merge method {method!r}; methods: {', '.join(merge_method_names())}")
+    if coefficients is not None:
+        raise MergeParameterError(f"a coefficients file is for merge method 'learned', not {method!r}")
+    if method not in STREAMING:
+        raise ValueError(f"merge method {method!r} has no streaming implementation for model directories; "
+                         "use taskvec.methods.merge on task vectors in memory")
+    return get_method(method).validate(params)
+
+
+def merge_method_names() -> list[str]:
+    """What ``taskvec merge --method`` accepts: the registered methods with a streaming form, then learned."""
+    return [name for name in registered_methods() if name in STREAMING] + [LEARNED]
+
+
 def merge_to_directory(
     base: PathLike,
     vectors: Sequence[PathLike | AnyTaskVector],
     out_dir: PathLike,
     *,
     method: str = "sum",
-    alpha: float = 1.0,
-    density: float = 0.2,
-    drop_rate: float = 0.9,
-    seed: int = 0,
     coefficients: PathLike | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD,
     force: bool = False,
     allow_pickle: bool = False,
     chunk_elements: int = 1 << 20,
+    **params: Any,
 ) -> Path:
     """Merge task vectors into ``base`` and write a model directory that ``from_pretrained`` loads.
 
     ``base`` is a model directory or checkpoint file; each vector is a taskvec vector file, a fine-tuned
     model directory/file, a PEFT adapter directory, or an in-memory task vector. Everything is checked
-    before any work; nothing is left half-written on failure. Blocks are processed in row chunks of about
-    ``chunk_elements`` elements, so memory holds n chunks, not n blocks. Returns the output directory.
+    before any work; nothing is left half-written on failure. ``params`` are the method's parameters as
+    declared in :mod:`taskvec.methods` (e.g. ``alpha``, ``density``); others are refused, by name.
+    Blocks are processed in row chunks of about ``chunk_elements`` elements, so memory holds n chunks,
+    not n blocks. Returns the output directory.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    values = merge_parameters(method, params, coefficients=coefficients)
     if not vectors:
         raise ValueError("merge needs at least one task vector")
-    if method == "ties":
-        _check_fraction("density", density, low_open=True, high_open=False)
-    if method in ("dare", "dare_ties"):
-        _check_fraction("drop_rate", drop_rate, low_open=False, high_open=True)
-    if method == "learned" and coefficients is None:
-        raise ValueError("method 'learned' needs a coefficients file (--coefficients)")
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite; got {alpha}")
+    alpha: float = values.get("alpha", 1.0)
+    density: float = values.get("density", 1.0)
+    drop_rate: float = values.get("drop_rate", 0.0)
+    seed: int = values.get("seed", 0)
+    majority: Any = values.get("majority", "total")
     base_path = Path(base)
     inputs = [base_path] + [Path(v) for v in vectors if isinstance(v, str | os.PathLike)]
     if coefficients is not None:
@@ -420,13 +453,9 @@ def merge_to_directory(
     blocks = _base_blocks(weights)
     covered = [k for k in blocks if any(k in s.shapes for s in sources)]
     thresholds = streaming_thresholds(sources, covered, density, chunk_elements) if method == "ties" else None
-    params: dict[str, object] = {"alpha": alpha}
-    if method == "ties":
-        params["density"] = density
-    if method in ("dare", "dare_ties"):
-        params.update(drop_rate=drop_rate, seed=seed)
-    if method == "learned":
-        params = {"coefficients": str(coefficients)}
+    card_params: dict[str, object] = dict(values)
+    if method == LEARNED:
+        card_params = {"coefficients": str(coefficients)}
     base_print = fingerprint(_LazyBlocks(weights, blocks))
 
     def merged(key: str) -> Iterator[Tensor]:
@@ -465,7 +494,7 @@ def merge_to_directory(
                     assert thresholds is not None
                     limits = torch.tensor(thresholds).reshape((-1,) + (1,) * theta.dim())
                     stack = torch.where(stack.abs() >= limits, stack, torch.zeros(()))
-                update = disjoint_mean(stack, elect_sign(stack)) * alpha
+                update = disjoint_mean(stack, elect_sign(stack, majority)) * alpha
             yield (theta.to(torch.float32) + update).to(theta.dtype)
 
     plan = _shard_plan(weights, max_shard)
@@ -501,7 +530,7 @@ def merge_to_directory(
                 skip = item.suffix in _WEIGHT_SUFFIXES or item.name in (SAFETENSORS_INDEX, BIN_INDEX, "README.md")
                 if item.is_file() and not skip:
                     shutil.copy2(item, tmp / item.name)
-        (tmp / "README.md").write_text(_model_card(base_path, base_print, sources, method, params))
+        (tmp / "README.md").write_text(_model_card(base_path, base_print, sources, method, card_params))
         trash = None
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
