@@ -9,6 +9,7 @@ composition into a plain copy of the network, which then runs exactly as fast as
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import mmap
@@ -22,7 +23,17 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from taskvec.granularity import BlockParts, Granularity, Layout
-from taskvec.io import CheckpointError, PathLike, atomic_save_safetensors, load_state_dict, read_safetensors_metadata
+from taskvec.io import (
+    DIGEST_KEY,
+    CheckpointError,
+    PathLike,
+    atomic_save_safetensors,
+    digest_metadata,
+    digest_mismatch,
+    digest_tensor,
+    load_state_dict,
+    read_safetensors_metadata,
+)
 from taskvec.quantize import DEFAULT_CHUNK, QuantizedStack, QuantizedTaskVector, quantized_weighted_sum
 from taskvec.vectors import AnyTaskVector, LoraTaskVector, TaskVector, fingerprint, parameter_blocks
 
@@ -317,32 +328,69 @@ def map_safetensors(path: PathLike) -> tuple[dict[str, Tensor], dict[str, str], 
     return tensors, metadata, mapping
 
 
+_FINITE_CHUNK = 1 << 14  # elements per isfinite call: temporaries this small are reused, not left in the heap
+
+
+def _check_finite(file: Path, name: str, tensor: Tensor) -> None:
+    flat = tensor.reshape(-1)
+    for begin in range(0, flat.numel(), _FINITE_CHUNK):
+        if not bool(torch.isfinite(flat[begin : begin + _FINITE_CHUNK]).all()):
+            raise CheckpointError(f"{file}: block '{name}' holds NaN or inf values")
+
+
 class _MappedVector(TaskVector):
     """A dense task vector whose blocks are views of a memory-mapped file (see :func:`map_safetensors`)."""
 
     source: Path
     _mapping: mmap.mmap | None
+    _fingerprint: str
 
     @classmethod
     def open(cls, path: PathLike) -> _MappedVector:
-        tensors, metadata, mapping = map_safetensors(path)
-        if metadata.get("kind") == "lora":
-            raise CheckpointError(f"{path}: holds a LoRA task vector; Composer.from_files takes dense vectors")
-        order = json.loads(metadata.pop("order", "[]"))
-        if sorted(order) == sorted(tensors):
-            tensors = {key: tensors[key] for key in order}
+        """Map ``path``, verify its digest and values in one pass over its pages, then drop the pages.
+
+        Why one pass here: the digest, the finite check and the content fingerprint all read the
+        file; done together, only this file's pages are resident, never the whole bank's files.
+        """
+        file = Path(path)
+        tensors, metadata, mapping = map_safetensors(file)
         try:
-            vector = cls(tensors, metadata=metadata, check_finite=False)  # checked when copied
-        except (ValueError, TypeError) as err:
-            raise CheckpointError(f"{path}: {err}") from err
-        vector.source = Path(path)
-        vector._mapping = mapping
+            if metadata.get("kind") == "lora":
+                raise CheckpointError(f"{file}: holds a LoRA task vector; Composer.from_files takes dense vectors")
+            digest = hashlib.sha256()
+            for name in sorted(tensors):
+                digest_tensor(digest, name, tensors[name])  # hashed in place, view by view
+                _check_finite(file, name, tensors[name])
+            digest_metadata(digest, metadata)
+            recorded = metadata.pop(DIGEST_KEY, None)
+            if recorded is not None and digest.hexdigest() != recorded:
+                raise digest_mismatch(file)
+            order = json.loads(metadata.pop("order", "[]"))
+            if sorted(order) == sorted(tensors):
+                tensors = {key: tensors[key] for key in order}
+            try:
+                vector = cls(tensors, metadata=metadata, check_finite=False)  # checked above
+            except (ValueError, TypeError) as err:
+                raise CheckpointError(f"{file}: {err}") from err
+            vector.source = file
+            vector._mapping = mapping
+            vector._fingerprint = fingerprint(vector.tensors)  # while the pages are resident
+        finally:
+            _drop_pages(mapping)
         return vector
+
+    def content_fingerprint(self) -> str:
+        return self._fingerprint
 
     def release(self) -> None:
         """Drop the resident pages of the file (the views stay valid and fault pages back in if read)."""
-        if self._mapping is not None and hasattr(self._mapping, "madvise"):
-            self._mapping.madvise(mmap.MADV_DONTNEED)
+        if self._mapping is not None:
+            _drop_pages(self._mapping)
+
+
+def _drop_pages(mapping: mmap.mmap) -> None:
+    if hasattr(mapping, "madvise"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 class Composer(nn.Module):
@@ -464,10 +512,7 @@ class Composer(nn.Module):
             for name, stack in self._stacks.items():
                 row = rows[name].get(i)
                 if row is not None:
-                    target = stack.tensor[row]
-                    target.copy_(vector.tensors[name].reshape(-1))
-                    if isinstance(vector, _MappedVector) and not bool(torch.isfinite(target).all()):
-                        raise ValueError(f"{vector.source}: block '{name}' holds NaN or inf values")
+                    stack.tensor[row].copy_(vector.tensors[name].reshape(-1))  # mapped: checked in open
             if isinstance(vector, _MappedVector):
                 vector.release()
 

@@ -39,23 +39,42 @@ def content_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     """
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous().cpu()
-        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    for key in sorted(metadata or {}):
-        if key != DIGEST_KEY:
-            digest.update(json.dumps([key, str((metadata or {})[key])]).encode())
+        digest_tensor(digest, name, tensors[name])
+    digest_metadata(digest, metadata or {})
     return digest.hexdigest()
+
+
+def digest_tensor(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
+    """Feed one tensor into a :func:`content_digest` (callers go in sorted name order).
+
+    The bytes are hashed in place (a contiguous CPU tensor, e.g. a view of a memory-mapped file, is
+    not copied), so a file can be verified tensor by tensor.
+    """
+    tensor = tensor.detach().contiguous().cpu()
+    digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def digest_metadata(digest: hashlib._Hash, metadata: Mapping[str, str]) -> None:
+    """Feed the metadata pairs (all but the digest itself) into a :func:`content_digest`, after the tensors."""
+    for key in sorted(metadata):
+        if key != DIGEST_KEY:
+            digest.update(json.dumps([key, str(metadata[key])]).encode())
+
+
+def digest_mismatch(path: PathLike) -> CheckpointError:
+    """The error for a file whose contents differ from its recorded digest."""
+    return CheckpointError(
+        f"{path}: contents do not match the sha256 recorded when it was written (corrupted or edited); "
+        "rewrite or rebuild it"
+    )
 
 
 def verify_digest(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Raise :class:`CheckpointError` naming ``path`` when its recorded digest does not match (absent: no check)."""
     recorded = metadata.get(DIGEST_KEY)
     if recorded is not None and content_digest(tensors, metadata) != recorded:
-        raise CheckpointError(
-            f"{path}: contents do not match the sha256 recorded when it was written (corrupted or edited); "
-            "rewrite or rebuild it"
-        )
+        raise digest_mismatch(path)
 
 
 _SAFETENSORS_NAMES = ("model.safetensors", "pytorch_model.safetensors")
