@@ -456,7 +456,7 @@ def test_atomic_writes_respect_the_umask(tmp_path):
 
 
 def test_malformed_head_metadata_and_records_are_named(tmp_path):
-    from taskvec.recipes.addition import Records
+    from taskvec.experiment import RecordStore
 
     path = LinearHead(8, 5).save(tmp_path / "head.safetensors")
     with safe_open(str(path), "pt") as handle:
@@ -466,8 +466,13 @@ def test_malformed_head_metadata_and_records_are_named(tmp_path):
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match=r"bad.safetensors: metadata lacks the key 'num_classes'"):
         LinearHead.load(tmp_path / "bad.safetensors")
-    records = tmp_path / "records.json"
-    records.write_text('{"fingerprint": "x", "rows": {')
-    with pytest.raises(CheckpointError, match=r"records.json: unreadable results records; delete it"):
-        Records(records, "x", resume=True)
-    assert Records(records, "x", resume=False).rows == {}
+    # Records are an append-only log: a damaged line (a run killed mid-write) is named, and only its job reruns.
+    records = tmp_path / "records.jsonl"
+    good = RecordStore(records, "x")
+    good.put("kept", {"acc": 0.5})
+    with records.open("a") as handle:
+        handle.write('{"fingerprint": "x", "job": "torn", "value": {"acc"\n')
+    with pytest.warns(UserWarning, match=r"records.jsonl: line 2 is unreadable"):
+        again = RecordStore(records, "x")
+    assert again.get("kept") == {"acc": 0.5} and again.get("torn") is None
+    assert RecordStore(records, "x", resume=False).get("kept") is None
