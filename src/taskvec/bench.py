@@ -49,6 +49,15 @@ class StepCase:
 
 
 def _rss_mib() -> float:
+    """Peak resident memory of this process (VmHWM where /proc exists: ru_maxrss survives exec, so a
+    case started from a large parent would report the parent's size)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
