@@ -45,3 +45,24 @@ def built_bank(config, root, tasks) -> Bank:
     bank = Bank(config, root=root, loader=loader)
     bank.build(tasks, progress=False)
     return bank
+
+
+def tiny_vit_bank(count: int, scale: float = 0.05):
+    """A tiny ViT and ``count`` seeded task vectors over its blocks (positional tokens left out)."""
+    import copy
+
+    from taskvec.models import build_backbone
+    from taskvec.vectors import TaskVector, parameter_blocks
+
+    vit, _ = build_backbone("tiny_vit", pretrained=False, seed=0)
+    blocks = [k for k in parameter_blocks(vit) if k not in ("cls_token", "pos_embed")]
+    bank = []
+    for i in range(count):
+        tuned = copy.deepcopy(vit)
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, param in tuned.named_parameters():
+                if name in blocks:
+                    param.add_(torch.randn(param.shape, generator=generator) * scale)
+        bank.append(TaskVector.from_state_dicts(vit.state_dict(), tuned.state_dict(), names=blocks, name=f"v{i}"))
+    return vit, bank, blocks

@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
+from synthetic import tiny_vit_bank
 from torch.func import functional_call
 
 from taskvec.compose import Composer
 from taskvec.variational import VariationalComposer, VariationalConfig
 from taskvec.variational.persample import AutoRunner, LinearRunner, VmapRunner, make_runner
-from taskvec.vectors import TaskVector, parameter_blocks
+from taskvec.vectors import TaskVector
 
 
 def _per_sample_oracle(
@@ -52,18 +53,7 @@ def test_sparse_linear_runner_equals_vmap_and_oracle(base, bank, images, kept):
 
 
 def test_sparse_runner_on_tiny_vit_linear_layers():
-    models = pytest.importorskip("taskvec.models")
-    vit, _ = models.build_backbone("tiny_vit", pretrained=False, seed=0)
-    blocks = [k for k in parameter_blocks(vit) if k not in ("cls_token", "pos_embed")]
-    bank = []
-    for i in range(3):
-        tuned = copy.deepcopy(vit)
-        generator = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for name, param in tuned.named_parameters():
-                if name in blocks:
-                    param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-        bank.append(TaskVector.from_state_dicts(vit.state_dict(), tuned.state_dict(), names=blocks, name=f"v{i}"))
+    vit, bank, blocks = tiny_vit_bank(3)
     composer = Composer(vit, bank, "block", blocks=blocks)
     x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     coefficients = _gated(5, 3, composer.layout.num_columns, 0.15, seed=7)

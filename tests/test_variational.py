@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import make_bank
+from synthetic import tiny_vit_bank
 from torch import nn
 from torch.nn import functional as F
 
@@ -163,18 +164,7 @@ def test_runners_match_per_sample_loop(base, images, granularity):
 
 
 def test_runners_on_tiny_vit_and_refusal_names_module():
-    models = pytest.importorskip("taskvec.models")
-    vit, _ = models.build_backbone("tiny_vit", pretrained=False, seed=0)
-    blocks = [k for k in parameter_blocks(vit) if k not in ("cls_token", "pos_embed")]
-    bank = []
-    for i in range(2):
-        tuned = copy.deepcopy(vit)
-        generator = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for name, param in tuned.named_parameters():
-                if name in blocks:
-                    param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-        bank.append(TaskVector.from_state_dicts(vit.state_dict(), tuned.state_dict(), names=blocks, name=f"v{i}"))
+    vit, bank, blocks = tiny_vit_bank(2)
     composer = Composer(vit, bank, "block", blocks=blocks)
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     coefficients = torch.randn(3, 2, composer.layout.num_columns, generator=torch.Generator().manual_seed(6))

@@ -95,7 +95,8 @@ def _resolve(path: Path) -> Path:
     return path
 
 
-def _is_safetensors(path: Path) -> bool:
+def is_safetensors_file(path: Path) -> bool:
+    """By suffix, else by content: a safetensors file starts with an 8-byte header length and a JSON object."""
     if path.suffix == ".safetensors":
         return True
     with path.open("rb") as handle:
@@ -131,7 +132,7 @@ def load_state_dict(path: PathLike, *, allow_pickle: bool = False) -> dict[str, 
 
         return load_model_state_dict(path, allow_pickle=allow_pickle)
     file = _resolve(Path(path))
-    if _is_safetensors(file):
+    if is_safetensors_file(file):
         try:
             tensors = load_file(str(file))
             metadata = _raw_metadata(file)

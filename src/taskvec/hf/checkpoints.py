@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from taskvec.io import CheckpointError, PathLike
+from taskvec.io import CheckpointError, PathLike, is_safetensors_file
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -110,7 +110,7 @@ class ModelWeights(Mapping[str, Tensor]):
     # -- reading headers ---------------------------------------------------------------------------
 
     def _scan(self, file: Path) -> None:
-        if _is_safetensors(file):
+        if is_safetensors_file(file):
             header, start = read_safetensors_header(file)
             self._headers[file] = start
             for key, entry in header.items():
@@ -286,14 +286,6 @@ class SafetensorsStreamWriter:
         self._handle.close()
         if complete and self._next != len(self._expected):
             raise ValueError(f"{self.path}: closed after {self._next} of {len(self._expected)} tensors")
-
-
-def _is_safetensors(file: Path) -> bool:
-    if file.suffix == ".safetensors":
-        return True
-    with file.open("rb") as handle:
-        head = handle.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
 
 
 def _index_file(folder: Path) -> Path | None:
