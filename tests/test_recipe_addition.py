@@ -9,20 +9,15 @@ from dataclasses import replace
 import pytest
 import synthetic
 import torch
+from safetensors.torch import load_file
 
-import taskvec.recipes.addition as addition
-import taskvec.recipes.common as common
 from taskvec.bank import Bank, BankConfig
+from taskvec.batching import mixed_loader, split_validation
 from taskvec.compose import Composer
-from taskvec.recipes.addition import (
-    METHODS,
-    AdditionConfig,
-    ClampedComposer,
-    ConstantRateAdam,
-    mixed_loader,
-    run_addition,
-    split_validation,
-)
+from taskvec.data import ImageSet, to_input
+from taskvec.evaluate import accuracy
+from taskvec.recipes.addition import METHODS, AdditionConfig, run_addition
+from taskvec.recipes.common import bank_and_norm
 
 TASKS = ("alpha", "beta", "gamma")
 CONFIG = BankConfig(backbone="tiny_cnn", resolution=16, epochs=1, lr=3e-3, batch_size=16, pretrained=False)
@@ -84,63 +79,39 @@ def test_mixed_loader_mixes_tasks_and_hides_labels():
     assert len(items) == 5 and all(isinstance(x, torch.Tensor) for batch in items for x in batch)
 
 
-def test_constant_rate_adam_ignores_fit_schedule(banks):
-    standard, _ = banks
-    composer = Composer(standard.base(), standard.vectors(TASKS), "block", init=0.3)
-    clamped = ClampedComposer(composer, 0.0, 1.0)
-    optimizer = ConstantRateAdam([composer.coefficients], 1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.01)
-    composer.coefficients.grad = torch.ones_like(composer.coefficients)
-    optimizer.step()
-    scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)  # what the schedule wrote...
-    before = composer.coefficients.detach().clone()
-    composer.coefficients.grad = torch.ones_like(composer.coefficients)
-    optimizer.step()  # ...is overridden: Adam's first steps move by about the rate
-    assert (before - composer.coefficients.detach()).mean() == pytest.approx(1e-3, rel=1e-2)
-    with torch.no_grad():
-        composer.coefficients[0, 0] = 1.7
-    clamped.settle()
-    assert float(composer.coefficients.detach().max()) <= 1.0
+def _is_test(split, tests) -> bool:
+    return any(len(split) == len(t) and torch.equal(split.images, t.images) for t in tests.values())
 
 
-def test_addition_end_to_end(banks, tmp_path, monkeypatch):
+def _scrambling(tests):
+    """An evaluator that scores every test split against wrong labels (each label shifted by one class)."""
+
+    def evaluate(model, head, split, *args, **kwargs):
+        if _is_test(split, tests):
+            split = ImageSet(split.images, (split.labels + 1) % (int(split.labels.max()) + 1))
+        return accuracy(model, head, split, *args, **kwargs)
+
+    return evaluate
+
+
+def test_addition_end_to_end(banks, tmp_path):
     standard, linear = banks
-    # Every accuracy computed while a choice is made (fit's model selection, alpha searches) must be on
-    # held-out validation images, never on a test split.
-    state = {"selecting": 0}
-    seen: list = []
-    real_accuracy, real_fit = addition.accuracy, addition.fit
-    real_search, real_common_search = addition.alpha_search, common.alpha_search
-
-    def spy_accuracy(model, head, split, *args, **kwargs):
-        if state["selecting"]:
-            seen.append(split)
-        return real_accuracy(model, head, split, *args, **kwargs)
-
-    def selecting(function):
-        def wrapped(*args, **kwargs):
-            state["selecting"] += 1
-            try:
-                return function(*args, **kwargs)
-            finally:
-                state["selecting"] -= 1
-        return wrapped
-
-    monkeypatch.setattr(addition, "accuracy", spy_accuracy)
-    monkeypatch.setattr(addition, "fit", selecting(real_fit))
-    monkeypatch.setattr(addition, "alpha_search", selecting(real_search))
-    monkeypatch.setattr(common, "alpha_search", selecting(real_common_search))
-
-    config = small(tmp_path / "run")
-    result = run_addition(config, bank=standard, linear_bank=linear, tasks=TASKS)
-
-    assert seen, "model selection evaluated nothing"
     vals = {t: synthetic.loader(t, seed=CONFIG.seed).val for t in TASKS}
     tests = {t: synthetic.loader(t, seed=CONFIG.seed).test for t in TASKS}
-    for split in seen:
+    seen: list = []
+
+    def spy(model, head, split, *args, **kwargs):  # injected: every accuracy the recipe computes
+        seen.append(split)
+        return accuracy(model, head, split, *args, **kwargs)
+
+    config = small(tmp_path / "run")
+    result = run_addition(config, bank=standard, linear_bank=linear, tasks=TASKS, evaluator=spy)
+
+    # Every split scored but the test splits is a held-out selection part of a validation split.
+    selection = [split for split in seen if not _is_test(split, tests)]
+    assert selection, "model selection evaluated nothing"
+    for split in selection:
         assert len(split) == config.select_per_task
-        assert not any(len(split) == len(t) and torch.equal(split.images, t.images) for t in tests.values())
         assert any(all((v.images == im).flatten(1).all(1).any() for im in split.images) for v in vals.values())
 
     rows = {r["key"]: r for r in result["rows"]}
@@ -154,6 +125,23 @@ def test_addition_end_to_end(banks, tmp_path, monkeypatch):
         assert row["seconds"] >= 0
     for task in TASKS:
         assert rows["pretrained"]["test_acc"][task] == standard.meta(task)["head_test_acc"]
+    # An independent oracle for one row: rebuild task arithmetic at the chosen alpha by hand (base
+    # parameters + alpha * sum of the vectors' deltas) and score it here; normalised = that / fine-tuned.
+    _, norm, resolution = bank_and_norm(standard)
+    merged = standard.base().eval()
+    vectors = standard.vectors(TASKS)
+    state = merged.state_dict()
+    for name in vectors[0].names:
+        delta = sum(v.dense_block(name).float() for v in vectors)
+        state[name] = (state[name].float() + rows["task_arithmetic"]["alpha"] * delta).to(state[name].dtype)
+    merged.load_state_dict(state)
+    for task in TASKS:
+        x = to_input(tests[task].images, resolution, **norm)
+        with torch.no_grad():
+            own = float((standard.head(task)(merged(x)).argmax(-1) == tests[task].labels).float().mean())
+        assert rows["task_arithmetic"]["test_acc"][task] == pytest.approx(own, abs=1e-6)
+        assert rows["task_arithmetic"]["normalized"][task] == pytest.approx(
+            own / standard.meta(task)["finetuned_test_acc"], abs=1e-6)
     assert rows["task_arithmetic"]["alpha"] in config.alpha_grid
     assert rows["ties"]["scale"] in config.ties_grid
     assert rows["atlas"]["learned"] == len(TASKS) * sum(1 for p in standard.base().parameters())
@@ -181,9 +169,25 @@ def test_addition_end_to_end(banks, tmp_path, monkeypatch):
     for row in again["rows"]:
         assert row["test_acc"] == rows[row["key"]]["test_acc"]
 
-    # ...and a rerun in the same directory reuses the finished records without training.
-    monkeypatch.setattr(addition, "fit", lambda *a, **k: pytest.fail("a finished method was retrained"))
-    resumed = run_addition(config, bank=standard, linear_bank=linear, tasks=TASKS)
+    # Test labels steer nothing: with every test split scored against wrong labels, every choice and
+    # every learned coefficient is the same (only the reported test accuracies change).
+    blind = run_addition(small(tmp_path / "blind", methods=("task_arithmetic", "ties", "adamerging", "atlas")),
+                         bank=standard, linear_bank=linear, tasks=TASKS, evaluator=_scrambling(tests))
+    for row in blind["rows"]:
+        mine = rows[row["key"]]
+        for field in ("alpha", "scale", "best_epoch", "selection_acc", "coefficient_range"):
+            assert row.get(field) == mine.get(field), (row["key"], field)
+        assert row["test_acc"] != mine["test_acc"]
+        if row["key"] in ("adamerging", "atlas"):
+            name = f"addition_{row['key']}_coefficients.safetensors"
+            assert torch.equal(load_file(tmp_path / "blind" / name)["coefficients"],
+                               load_file(out / name)["coefficients"])
+
+    # ...and a rerun in the same directory reuses the finished records: it trains and scores nothing.
+    def refuse(*args, **kwargs):
+        pytest.fail("a finished method was evaluated again")
+
+    resumed = run_addition(config, bank=standard, linear_bank=linear, tasks=TASKS, evaluator=refuse)
     assert [r["test_acc"] for r in resumed["rows"]] == [r["test_acc"] for r in result["rows"]]
 
 

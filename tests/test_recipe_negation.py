@@ -8,10 +8,10 @@ import json
 import pytest
 import synthetic
 import torch
-from test_recipe_addition import CONFIG, recipe_banks
+from test_recipe_addition import CONFIG, _is_test, _scrambling, recipe_banks
 
-import taskvec.recipes.negation as negation_recipe
 from taskvec.bank import Bank
+from taskvec.evaluate import accuracy
 from taskvec.recipes.negation import (
     METHODS,
     NegationConfig,
@@ -67,32 +67,19 @@ def small(out, **changes) -> NegationConfig:
     return NegationConfig(**settings)
 
 
-def test_negation_end_to_end(banks, tmp_path, monkeypatch):
+def test_negation_end_to_end(banks, tmp_path):
     standard, linear = banks
-    state = {"selecting": 0}
+    data = {t: synthetic.loader(t, seed=CONFIG.seed) for t in TASKS}
+    tests = {t: d.test for t, d in data.items()}
     seen: list = []
-    real_accuracy, real_fit, real_search = negation_recipe.accuracy, negation_recipe.fit, negation_recipe.alpha_search
 
-    def spy_accuracy(model, head, split, *args, **kwargs):
-        if state["selecting"]:
-            seen.append(split)
-        return real_accuracy(model, head, split, *args, **kwargs)
-
-    def selecting(function):
-        def wrapped(*args, **kwargs):
-            state["selecting"] += 1
-            try:
-                return function(*args, **kwargs)
-            finally:
-                state["selecting"] -= 1
-        return wrapped
-
-    monkeypatch.setattr(negation_recipe, "accuracy", spy_accuracy)
-    monkeypatch.setattr(negation_recipe, "fit", selecting(real_fit))
-    monkeypatch.setattr(negation_recipe, "alpha_search", selecting(real_search))
+    def spy(model, head, split, *args, **kwargs):  # injected: every accuracy the recipe computes
+        seen.append(split)
+        return accuracy(model, head, split, *args, **kwargs)
 
     config = small(tmp_path / "run")
-    result = run_negation(config, bank=standard, linear_bank=linear, tasks=TASKS)
+    result = run_negation(config, bank=standard, linear_bank=linear, tasks=TASKS, evaluator=spy)
+    seen = [split for split in seen if not _is_test(split, tests)]
 
     # Selection only ever looked at held-out validation images, never at a test split.
     assert seen
@@ -144,6 +131,15 @@ def test_negation_end_to_end(banks, tmp_path, monkeypatch):
     for r in again["rows"]:
         assert (r["target_test"], r["control_test"]) == (first[r["target"], r["key"]]["target_test"],
                                                           first[r["target"], r["key"]]["control_test"])
+
+    # Test labels steer nothing: scored against wrong test labels, every choice is the same.
+    blind = run_negation(small(tmp_path / "blind", targets=("gamma",), methods=("task_arithmetic", "atlas")),
+                         bank=standard, linear_bank=linear, tasks=TASKS, evaluator=_scrambling(tests))
+    for r in blind["rows"]:
+        mine = first[r["target"], r["key"]]
+        for field in ("alpha", "best_epoch", "target_val", "control_val"):
+            assert r.get(field) == mine.get(field), (r["key"], field)
+        assert (r["target_test"], r["control_test"]) != (mine["target_test"], mine["control_test"])
 
 
 def test_negation_rejects_bad_settings(banks, tmp_path):

@@ -15,7 +15,8 @@ import taskvec.recipes.tta as tta
 from taskvec.bank import Bank, BankConfig
 from taskvec.data import ImageSet, Task
 from taskvec.evaluate import accuracy
-from taskvec.recipes.fewshot import mean_se
+from taskvec.experiment import mean_se
+from taskvec.objectives import TrustedTargets
 from taskvec.recipes.tta import OBJECTIVES, TUNED, TTAConfig, norm_affine_model, run_tta, unlabelled_loader
 
 TASKS = ("alpha", "beta", "gamma")
@@ -152,7 +153,9 @@ def test_ufm_batches_mix_the_two_streams():
     batches = list(loader.epoch(torch.Generator().manual_seed(0)))
     assert len(batches) == len(loader) == 9  # 36 untrusted / 4 per batch
     pseudo = dict(zip(trusted[0].tolist(), trusted[1].tolist(), strict=True))
-    for x, targets in batches:
+    for x, trusted_targets in batches:
+        assert isinstance(trusted_targets, TrustedTargets)  # never a plain tensor that could be labels
+        targets = trusted_targets.targets
         assert x.shape == (8, 3, 16, 16)
         assert (targets[:4] == -1).all() and (targets[4:] >= 0).all()
         assert set(targets[4:].tolist()) <= set(pseudo.values())

@@ -12,8 +12,7 @@ import torch
 
 from taskvec.bank import Bank, BankConfig
 from taskvec.compose import Composer
-from taskvec.recipes.addition import AdditionConfig
-from taskvec.recipes.common import CoefficientSchedule
+from taskvec.recipes.common import CoefficientSchedule, MultiTaskSetup
 from taskvec.recipes.variational import VariationalRecipeConfig, run_variational
 from taskvec.variational import ELBOLoss, MultitaskELBOLoss, VariationalComposer, VariationalConfig
 
@@ -24,7 +23,7 @@ CONFIG = BankConfig(backbone="tiny_cnn", resolution=16, epochs=1, lr=3e-3, batch
 def small(out, **changes) -> VariationalRecipeConfig:
     settings = dict(
         tasks=TASKS, targets=("gamma",), shots=(2, 4), seeds=(0, 1),
-        addition=AdditionConfig(methods=("atlas",), select_per_task=8, fit_per_task=12, epochs=2, batch_per_task=4),
+        addition=MultiTaskSetup(select_per_task=8, fit_per_task=12, epochs=2, batch_per_task=4),
         schedule=CoefficientSchedule(epochs=2, batch_size=8, min_steps_per_epoch=2),
         variational=VariationalConfig(hidden=(16,)), timing_batch=8, timing_rounds=1,
         bank=CONFIG, out=out, progress=False, resume=False,

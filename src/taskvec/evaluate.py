@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taskvec.data import ImageSet, batches
@@ -79,3 +80,21 @@ def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     classes = torch.unique(labels)
     recalls = [(predicted[labels == c] == c).double().mean() for c in classes]
     return float(torch.stack(recalls).mean())
+
+
+def score(logits: Tensor, split: ImageSet) -> float:
+    """Top-1 accuracy of precomputed logits against a split's labels: the one place a recipe reads
+    labels of an evaluation split (selection shots during selection, the test split at the end)."""
+    return float((logits.argmax(-1) == split.labels.cpu()).float().mean())
+
+
+def selection_metric(logits: Tensor, split: ImageSet) -> float:
+    """Model selection score on a few selection shots: accuracy, ties broken by lower cross-entropy.
+
+    The tie-break term lies in (0, 1 / (n + 1)), below one sample's worth of accuracy (1 / n), so it
+    only orders states of equal accuracy. Without it, a few dozen selection images and a strong head
+    make most trained states tie with the untrained start, which then always wins.
+    """
+    labels = split.labels.cpu()
+    loss = float(F.cross_entropy(logits.float(), labels))
+    return score(logits, split) + 1.0 / ((len(split) + 1) * (1.0 + loss))

@@ -437,6 +437,27 @@ def trusted_targets(logits: Tensor, k_per_class: int) -> Tensor:
     return targets
 
 
+class TrustedTargets:
+    """Pseudo-labels of UFM's trusted stream, one per sample of a batch, ``-1`` where a sample is untrusted.
+
+    A type of its own so that a labelled batch ``(x, y)`` can never pass for pseudo-labels: :func:`ufm`
+    accepts ``(x, TrustedTargets(...))`` and refuses ``(x, tensor)``.
+    """
+
+    def __init__(self, targets: Tensor) -> None:
+        if not isinstance(targets, Tensor) or targets.dtype != torch.long or targets.dim() != 1:
+            what = getattr(targets, "dtype", type(targets).__name__)
+            raise TypeError(f"TrustedTargets wraps a 1-D long tensor (-1 = untrusted); got {what} "
+                            f"of shape {tuple(getattr(targets, 'shape', ()))}")
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def to(self, device: torch.device | str) -> TrustedTargets:
+        return TrustedTargets(self.targets.to(device))
+
+
 def ufm_loss(
     weak_logits: Tensor, strong_logits: Tensor, targets: Tensor | None = None, *, threshold: float = 0.99,
     hard: bool = False,
@@ -463,15 +484,21 @@ def ufm(
 ) -> LossFn:
     """Unsupervised FixMatch as aTLAS: pseudo-labels from the weak view (no gradient) train the strong
     view; the trusted set (:func:`trusted_targets`, carried in the batch) anchors the most confident
-    samples per class to the pre-trained model's predictions. Batches: ``x`` or ``(x, targets)``.
-    aTLAS draws every batch from both the untrusted and the trusted stream; do so in the loader."""
+    samples per class to the pre-trained model's predictions. Batches: ``x`` or ``(x, TrustedTargets)``;
+    a plain ``(x, y)`` is refused, since its labels would be taken as pseudo-labels. aTLAS draws every
+    batch from both the untrusted and the trusted stream: :func:`taskvec.batching.unlabelled_loader`."""
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1); got {threshold!r}")
     head = _frozen(head)
 
     def loss_fn(model: nn.Module, batch: Batch) -> Tensor:
         x = _inputs(batch)
-        targets = batch[1] if isinstance(batch, Sequence) and len(batch) > 1 else None
+        targets = None
+        if isinstance(batch, Sequence) and len(batch) > 1:
+            if not isinstance(batch[1], TrustedTargets):
+                raise TypeError(f"ufm: the batch's second element is a {type(batch[1]).__name__}, not TrustedTargets; "
+                                "a labelled batch (x, y) is refused so labels never pass for pseudo-labels")
+            targets = batch[1].targets.to(x.device)
         with torch.no_grad():
             weak_logits = _logits(model, head, weak(x))
         strong_logits = _logits(model, head, strong(x))

@@ -1,12 +1,18 @@
 """The training loop for whatever is trainable in a module: coefficients, offsets, adapters, weights.
 
 One loop serves the composer, fine-tuning of the bank and every baseline: AdamW on the parameters
-that require grad, warm-up then cosine decay, gradient clipping, bf16 autocast on CUDA, a progress
+that require grad, a learning-rate schedule (warm-up then cosine decay, or constant), an optional
+clamp of the trained values, gradient clipping, bf16 autocast on CUDA, a progress
 bar, model selection on a held-out metric, and an atomic checkpoint at each epoch end.
 
 Reproducibility: every epoch draws its randomness from a generator seeded by ``(seed, epoch)`` and
 reseeds torch's global generator the same way, so a run resumed from its epoch-``e`` checkpoint
 continues exactly as the uninterrupted run would have.
+
+Batches come from any iterable: taskvec's :class:`Loader` (epoch order drawn from the epoch's
+generator), a ``torch.utils.data.DataLoader`` (a shuffling sampler draws from torch's global
+generator, reseeded per epoch; a sampler holding its own ``generator`` has it reseeded per epoch, so
+both resume exactly), or any re-iterable sequence of batches.
 """
 
 from __future__ import annotations
@@ -68,6 +74,24 @@ class TrainConfig:
     checkpoint: Path | None = None  # file written atomically at every epoch end
     resume: bool = False
     description: str = "train"
+    schedule: str = "cosine"  # "cosine": linear warm-up (warmup_fraction) then cosine decay; "constant": lr throughout
+    clamp: tuple[float, float] | None = None  # (low, high): trained values projected into the range after each step
+    steps_per_epoch: int | None = None  # only for a cosine schedule over batches without len()
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig.schedule={self.schedule!r}; choose one of {SCHEDULES}")
+        if self.epochs < 0:
+            raise ValueError(f"TrainConfig.epochs={self.epochs}; must be >= 0")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"TrainConfig.warmup_fraction={self.warmup_fraction}; must be in [0, 1)")
+        if self.clamp is not None and not self.clamp[0] < self.clamp[1]:
+            raise ValueError(f"TrainConfig.clamp={self.clamp}; needs low < high")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"TrainConfig.steps_per_epoch={self.steps_per_epoch}; must be >= 1")
+
+
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -116,7 +140,9 @@ def _restore(params: dict[str, nn.Parameter], state: dict[str, Tensor]) -> None:
             p.copy_(state[name])
 
 
-def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+def _schedule(total_steps: int, warmup_fraction: float, kind: str = "cosine") -> Callable[[int], float]:
+    if kind == "constant":
+        return lambda step: 1.0
     warmup = int(total_steps * warmup_fraction)
 
     def factor(step: int) -> float:
@@ -128,6 +154,38 @@ def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float
     return factor
 
 
+def _steps_per_epoch(loader: Iterable[Batch], config: TrainConfig) -> int:
+    """Batches per epoch, which a cosine schedule needs up front."""
+    if config.steps_per_epoch is not None:
+        return config.steps_per_epoch
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        if config.schedule == "constant":
+            return 1  # unused by a constant schedule
+        raise TypeError(
+            f"fit: the batches ({type(loader).__name__}) have no len(), which the cosine schedule needs; "
+            "pass TrainConfig(steps_per_epoch=...) or schedule='constant'"
+        ) from None
+
+
+def _epoch_batches(loader: Iterable[Batch], generator: torch.Generator, seed: int) -> Iterator[Batch]:
+    """One epoch of batches: ``Loader.epoch(generator)``, or iteration of any other iterable after
+    reseeding a sampler's own generator (``DataLoader(sampler=RandomSampler(..., generator=g))``)."""
+    epoch = getattr(loader, "epoch", None)
+    if callable(epoch):
+        return iter(epoch(generator))
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for holder in (loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        own = getattr(holder, "generator", None)
+        if isinstance(own, torch.Generator):
+            own.manual_seed(seed)
+    if isinstance(loader, Iterator):
+        raise TypeError("fit: batches must be re-iterable once per epoch (a DataLoader, Loader or list), "
+                        "not a one-shot iterator")
+    return iter(loader)
+
+
 def _better(new: float, old: float | None, higher: bool) -> bool:
     return old is None or (new > old if higher else new < old)
 
@@ -135,7 +193,7 @@ def _better(new: float, old: float | None, higher: bool) -> bool:
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
-    loader: Loader,
+    loader: Iterable[Batch],
     config: TrainConfig | None = None,
     *,
     evaluate: Evaluate | None = None,
@@ -145,6 +203,7 @@ def fit(
 
     With ``evaluate`` (higher is better unless configured otherwise) the best epoch's parameters are
     restored at the end; that is the only model selection, so pass held-out data to it, never test data.
+    ``loader`` is any re-iterable source of batches (see the module docstring for exact resume).
     """
     config = config or TrainConfig()
     params = _trainable(model)
@@ -156,7 +215,7 @@ def fit(
         else torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(config.epochs * len(loader), config.warmup_fraction)
+        optimizer, _schedule(config.epochs * _steps_per_epoch(loader, config), config.warmup_fraction, config.schedule)
     )
     result = TrainResult(best_metric=None, best_epoch=0)
     best_state: dict[str, Tensor] | None = None
@@ -200,7 +259,7 @@ def fit(
         generator = torch.Generator().manual_seed(seed)
         model.train(config.train_mode)
         total, count = 0.0, 0
-        for batch in loader.epoch(generator):
+        for batch in _epoch_batches(loader, generator, seed):
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = loss_fn(model, batch)
@@ -210,6 +269,10 @@ def fit(
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
             optimizer.step()
+            if config.clamp is not None:
+                with torch.no_grad():
+                    for p in params.values():
+                        p.clamp_(*config.clamp)
             scheduler.step()
             total += float(loss.detach())
             count += 1

@@ -26,36 +26,37 @@ standard bank for every row but ``atlas_lin``, whose denominator is the linearis
 accuracy (the convention of aTLAS and Ortiz-Jimenez et al.); the JSON also holds it over the standard
 fine-tuned accuracy.
 
-The helpers at the top (validation split, mixed-task loader, constant-rate Adam, bar plot, resumable
-records) are shared with :mod:`taskvec.recipes.negation`.
+The validation split and mixed-task batches are :mod:`taskvec.batching`'s, AdaMerging is
+:mod:`taskvec.adamerging`'s, records, bar plots and JSON are :mod:`taskvec.experiment`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import math
 import time
-import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from taskvec.adamerging import AdaMergingConfig, adamerge
 from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
+from taskvec.batching import mixed_loader
 from taskvec.compose import Composer
-from taskvec.data import ImageSet, augment, to_input
 from taskvec.evaluate import accuracy
-from taskvec.io import atomic_write_text, write_json
+from taskvec.experiment import RecordStore, fingerprint, history, plot_bars
+from taskvec.io import write_json
 from taskvec.merging import alpha_search, ties_merge
-from taskvec.objectives import multitask_cross_entropy, softmax_entropy
-from taskvec.recipes.common import DEFAULT_RESULTS, bank_and_norm, task_arithmetic_search
-from taskvec.report import _save_figure, markdown_table, plot_coefficients, write_results
-from taskvec.train import Batch, Loader, LossFn, TrainConfig, TrainResult, fit
+from taskvec.recipes.common import (
+    DEFAULT_RESULTS,
+    Evaluator,
+    MultiTaskData,
+    bank_identity,
+    task_arithmetic_search,
+    train_multitask,
+)
+from taskvec.report import markdown_table, plot_coefficients, write_results
 
 METHODS: dict[str, str] = {
     "pretrained": "pre-trained",
@@ -67,185 +68,6 @@ METHODS: dict[str, str] = {
     "atlas_lin": "aTLAS (block, linearised)",
 }
 LINEARISED = ("atlas_lin",)
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared helpers (also used by the negation recipe)
-# ----------------------------------------------------------------------------------------------
-
-
-def split_validation(val: ImageSet, select: int, fit_size: int, seed: int, name: str = "") -> tuple[ImageSet, ImageSet]:
-    """Disjoint (selection, fitting) parts of a validation split, drawn by a seeded permutation.
-
-    Holding the selection part out of coefficient training keeps model selection honest without
-    touching test data. ``name`` varies the permutation between tasks. A split too small for both
-    parts gives the fitting part what is left.
-    """
-    if select < 1 or fit_size < 1:
-        raise ValueError(f"selection and fitting parts need >= 1 image each; got {select} and {fit_size}")
-    if len(val) < select + 1:
-        raise ValueError(f"validation split of {name or 'a task'} has {len(val)} images; "
-                         f"cannot hold out {select} for selection and still fit on any")
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    order = torch.randperm(len(val), generator=generator)
-    return val.subset(order[:select]), val.subset(order[select : select + fit_size])
-
-
-def mixed_loader(
-    parts: Sequence[ImageSet],
-    batch_sizes: int | Sequence[int],
-    resolution: int,
-    norm: dict,
-    *,
-    steps: int | None = None,
-    augmentation: str | None = None,
-    labels: bool = True,
-) -> Loader:
-    """Every batch holds ``batch_sizes[i]`` images of every part ``i``: a list ``[(x, y), ...]`` (or
-    ``[x, ...]`` with ``labels=False``, for unsupervised objectives that must not see labels).
-
-    Each epoch draws a fresh permutation per part; by default an epoch is one pass over the part with
-    the fewest batches (aTLAS's primary iterator); larger parts are cut short, smaller ones wrap.
-    """
-    sizes = [batch_sizes] * len(parts) if isinstance(batch_sizes, int) else list(batch_sizes)
-    if len(sizes) != len(parts) or min(sizes, default=0) < 1:
-        raise ValueError(f"need one batch size >= 1 per part; got {sizes} for {len(parts)} parts")
-    if any(len(part) == 0 for part in parts):
-        raise ValueError("mixed_loader: a part is empty")
-    if steps is None:
-        steps = min(math.ceil(len(part) / size) for part, size in zip(parts, sizes, strict=True))
-
-    def make(generator: torch.Generator) -> Iterator[list]:
-        orders = [torch.randperm(len(part), generator=generator) for part in parts]
-        for step in range(steps):
-            batch = []
-            for part, size, order in zip(parts, sizes, orders, strict=True):
-                idx = order[torch.arange(step * size, (step + 1) * size) % len(part)]
-                x = to_input(part.images[idx], resolution, **norm)
-                if augmentation:
-                    x = augment(x, generator, augmentation, **norm)
-                batch.append((x, part.labels[idx]) if labels else x)
-            yield batch
-
-    return Loader(make, steps)
-
-
-class ConstantRateAdam(torch.optim.Adam):
-    """Adam at a fixed rate: ``fit`` always installs a warm-up/cosine schedule, but AdaMerging uses a
-    constant rate, so the rate is reset before every update."""
-
-    def __init__(self, params, lr: float) -> None:
-        super().__init__(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-        self.rate = lr
-
-    def step(self, closure=None):  # type: ignore[override]
-        for group in self.param_groups:
-            group["lr"] = self.rate
-        return super().step(closure)
-
-
-class ClampedComposer(nn.Module):
-    """A composer run with its coefficients clamped to ``[low, high]`` (AdaMerging's [0, 1])."""
-
-    def __init__(self, composer: Composer, low: float, high: float) -> None:
-        super().__init__()
-        if not low < high:
-            raise ValueError(f"clamp needs low < high; got [{low}, {high}]")
-        self.composer, self.low, self.high = composer, low, high
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.composer(x, coefficients=self.composer.coefficients.clamp(self.low, self.high))
-
-    @torch.no_grad()
-    def settle(self) -> Composer:
-        """Write the clamped values into the coefficients, so ``merge()`` gives what was trained."""
-        self.composer.coefficients.clamp_(self.low, self.high)
-        return self.composer
-
-
-def multitask_entropy(heads: Sequence[nn.Module]) -> LossFn:
-    """AdaMerging's objective: the sum over tasks of the mean prediction entropy on that task's
-    unlabelled inputs, each through its own frozen head. Batches: ``[x_task0, x_task1, ...]``."""
-    for head in heads:
-        head.requires_grad_(False)
-
-    def loss_fn(model: nn.Module, batch: Batch) -> Tensor:
-        if not isinstance(batch, Sequence) or len(batch) != len(heads) or not all(isinstance(x, Tensor) for x in batch):
-            raise TypeError(f"multitask_entropy: expected a list of {len(heads)} input tensors, one per task")
-        features = model(torch.cat(list(batch))).split([len(x) for x in batch])
-        terms = [softmax_entropy(head(f)).mean() for head, f in zip(heads, features, strict=True)]
-        return torch.stack(terms).sum()
-
-    return loss_fn
-
-
-def plot_bars(
-    values: Mapping[str, float], path: Path | str, *, ylabel: str, title: str,
-    points: Mapping[str, Mapping[str, float]] | None = None, reference: float | None = None,
-) -> Path:
-    """One bar per method (``values``), with optional per-task points on top and a reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(values)
-    figure, axis = plt.subplots(figsize=(1.2 + 1.1 * len(names), 4.2))
-    axis.bar(range(len(names)), [values[n] for n in names], color="#4c72b0", alpha=0.85)
-    if points:
-        tasks = sorted({t for per in points.values() for t in per})
-        markers = "os^vD<>p*h"
-        for j, task in enumerate(tasks):
-            xs = [i for i, n in enumerate(names) if task in points.get(n, {})]
-            ys = [points[names[i]][task] for i in xs]
-            axis.scatter(xs, ys, s=18, marker=markers[j % len(markers)], zorder=3, label=task)
-        axis.legend(fontsize=7, ncol=2, loc="lower right")
-    if reference is not None:
-        axis.axhline(reference, color="grey", lw=0.8, ls="--")
-    for i, n in enumerate(names):
-        axis.text(i, values[n], f"{values[n]:.3f}", ha="center", va="bottom", fontsize=7)
-    axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    axis.set_ylabel(ylabel)
-    axis.set_title(title)
-    axis.grid(axis="y", alpha=0.3)
-    try:
-        return _save_figure(figure, Path(path))
-    finally:
-        plt.close(figure)
-
-
-class Records:
-    """Finished results of a recipe, kept in ``path`` under a fingerprint of the settings, so an
-    interrupted run resumes where it stopped and a run with other settings starts afresh."""
-
-    def __init__(self, path: Path, fingerprint: str, resume: bool) -> None:
-        self.path, self.fingerprint = path, fingerprint
-        self.rows: dict[str, dict] = {}
-        if resume and path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("fingerprint") == fingerprint:
-                self.rows = saved.get("rows", {})
-
-    def get(self, key: str) -> dict | None:
-        return self.rows.get(key)
-
-    def put(self, key: str, row: dict) -> None:
-        self.rows[key] = row
-        atomic_write_text(self.path, json.dumps({"fingerprint": self.fingerprint, "rows": self.rows}, indent=1))
-
-
-def fingerprint(settings: dict, banks: Sequence[Bank], tasks: Sequence[str]) -> str:
-    """Settings plus the identity of every bank entry used: a rebuilt bank invalidates old records."""
-    identity = [
-        [str(bank.root), [bank.meta(t).get("vector_norm") for t in tasks if bank.has(t)]] for bank in banks
-    ]
-    blob = json.dumps({"settings": settings, "banks": identity}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def history(result: TrainResult) -> list[dict]:
-    return [{"epoch": r.epoch, "loss": None if r.loss != r.loss else r.loss, "selection": r.metric}
-            for r in result.history]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,84 +106,23 @@ class AdditionConfig:
     progress: bool = True
 
 
-class AdditionContext:
-    """What every method needs: base, norm, heads, data parts, fine-tuned accuracies of one bank."""
-
-    def __init__(self, bank: Bank, tasks: Sequence[str], config: AdditionConfig) -> None:
-        self.bank = bank
-        self.tasks = list(tasks)
-        self.base, self.norm, self.resolution = bank_and_norm(bank)
-        self.heads = {t: bank.head(t).freeze() for t in tasks}
-        self.meta = {t: bank.meta(t) for t in tasks}
-        data = {t: bank.loader(t, seed=bank.config.seed) for t in tasks}
-        self.test = {t: data[t].test for t in tasks}
-        parts = {t: split_validation(data[t].val, config.select_per_task, config.fit_per_task, config.seed, t)
-                 for t in tasks}
-        self.select = {t: parts[t][0] for t in tasks}
-        self.fit = {t: parts[t][1] for t in tasks}
-        self.finetuned = {t: float(self.meta[t]["finetuned_test_acc"]) for t in tasks}
-
-    def selection_scores(self, model: nn.Module) -> dict[str, float]:
-        """Accuracy on each task's selection part (validation data)."""
-        return {t: accuracy(model, self.heads[t], self.select[t], self.resolution, **self.norm) for t in self.tasks}
-
-    def selection_score(self, model: nn.Module) -> float:
-        scores = self.selection_scores(model)
-        return sum(scores.values()) / len(scores)
-
-    def test_scores(self, model: nn.Module) -> dict[str, float]:
-        """Accuracy on each task's test split: the report, never a choice."""
-        return {t: accuracy(model, self.heads[t], self.test[t], self.resolution, **self.norm) for t in self.tasks}
-
-    def vectors(self):
-        return self.bank.vectors(self.tasks)
-
-
-def _train(
-    composer: nn.Module, ctx: AdditionContext, config: AdditionConfig, label: str, checkpoint: Path
-) -> TrainResult:
-    loader = mixed_loader([ctx.fit[t] for t in ctx.tasks], config.batch_per_task, ctx.resolution, ctx.norm,
-                          augmentation=config.augmentation)
-    trained = fit(
-        composer,
-        multitask_cross_entropy({t: ctx.heads[t] for t in ctx.tasks}),
-        loader,
-        TrainConfig(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay, warmup_fraction=0.0,
-                    seed=config.seed, progress=config.progress, description=label, checkpoint=checkpoint,
-                    resume=config.resume),
-        evaluate=ctx.selection_score,
-    )
-    checkpoint.unlink(missing_ok=True)
-    return trained
-
-
-def _adamerging(ctx: AdditionContext, config: AdditionConfig, checkpoint: Path) -> tuple[Composer, dict]:
-    composer = Composer(ctx.base, ctx.vectors(), "block", init=config.adamerging_init)
-    model: nn.Module = composer
-    if config.adamerging_clamp is not None:
-        model = ClampedComposer(composer, *config.adamerging_clamp)
+def _adamerging(ctx: MultiTaskData, config: AdditionConfig, checkpoint: Path) -> tuple[Composer, dict]:
     # Unlabelled test inputs, as AdaMerging does: the loader drops the labels.
     loader = mixed_loader([ctx.test[t] for t in ctx.tasks], config.adamerging_batch_per_task, ctx.resolution,
                           ctx.norm, steps=config.adamerging_steps, labels=False)
-    fit(
-        model,
-        multitask_entropy([ctx.heads[t] for t in ctx.tasks]),
-        loader,
-        TrainConfig(epochs=1, lr=config.adamerging_lr, weight_decay=0.0, warmup_fraction=0.0, max_grad_norm=None,
-                    seed=config.seed, progress=config.progress, description="AdaMerging", checkpoint=checkpoint,
-                    resume=config.resume),
-        optimizer_factory=lambda params: ConstantRateAdam(params, config.adamerging_lr),
-    )
+    settings = AdaMergingConfig(granularity="layer", steps=config.adamerging_steps, lr=config.adamerging_lr,
+                                init=config.adamerging_init, clamp=config.adamerging_clamp, seed=config.seed,
+                                progress=config.progress)
+    composer, _ = adamerge(ctx.base, ctx.vectors(), [ctx.heads[t] for t in ctx.tasks], loader, settings,
+                           checkpoint=checkpoint, resume=config.resume)
     checkpoint.unlink(missing_ok=True)
-    if isinstance(model, ClampedComposer):
-        model.settle()
     coefficients = composer.coefficients.detach()
     return composer, {"steps": config.adamerging_steps, "mean_coefficient_per_vector":
                       dict(zip(composer.vector_names, coefficients.mean(1).tolist(), strict=True)),
                       "coefficient_range": [float(coefficients.min()), float(coefficients.max())]}
 
 
-def _row(method: str, ctx: AdditionContext, test: dict[str, float], selection: float, seconds: float, **extra) -> dict:
+def _row(method: str, ctx: MultiTaskData, test: dict[str, float], selection: float, seconds: float, **extra) -> dict:
     normalized = {t: test[t] / ctx.finetuned[t] for t in ctx.tasks}
     row = {
         "key": method,
@@ -394,9 +155,11 @@ def run_addition(
     bank: Bank | None = None,
     linear_bank: Bank | None = None,
     tasks: Sequence[str] = DEFAULT_TASKS,
+    evaluator: Evaluator = accuracy,
 ) -> dict:
     """Merge the bank by every method; returns the payload written to ``<out>/addition.json``.
 
+    ``evaluator`` computes every accuracy (selection and report): tests inject spies through it.
     ``bank`` defaults to the standard bank, ``linear_bank`` to the linearised bank of the same
     settings (built if missing, when ``atlas_lin`` is asked for).
     """
@@ -416,10 +179,10 @@ def run_addition(
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(config).items() if k not in ("methods", "out", "resume", "progress")}
-    records = Records(out / "addition_records.json", fingerprint({**settings, "tasks": tasks}, banks, tasks),
-                      config.resume)
-    ctx = AdditionContext(bank, tasks, config)
-    lin_ctx = AdditionContext(linear_bank, tasks, config) if len(banks) > 1 else None
+    identity = {**settings, "tasks": tasks, "banks": bank_identity(banks, tasks)}
+    records = RecordStore(out / "addition_records.jsonl", fingerprint(identity), config.resume)
+    ctx = MultiTaskData(bank, tasks, config, evaluator)
+    lin_ctx = MultiTaskData(linear_bank, tasks, config, evaluator) if len(banks) > 1 else None
     composers: dict[str, Composer] = {}
 
     bar = tqdm(config.methods, desc="task addition", disable=not config.progress)
@@ -470,7 +233,7 @@ def run_addition(
             granularity = "isotropic" if method == "isotropic" else "block"
             composer = Composer(use.base, use.vectors(), granularity, init=config.init,
                                 linearized=method in LINEARISED)
-            result = _train(composer, use, config, METHODS[method], out / f"addition_{method}.ckpt")
+            result = train_multitask(composer, use, config, METHODS[method], out / f"addition_{method}.ckpt")
             composers[method] = composer
             selected = time.perf_counter() - tic
             merged = composer.merge()
@@ -487,7 +250,7 @@ def run_addition(
             composers[method].save_coefficients(coefficient_file, extra={"recipe": "addition", "method": method})
         records.put(method, row)
 
-    rows = [records.rows[m] for m in config.methods]
+    rows = [records.get(m) for m in config.methods]
     return _report(rows, ctx, lin_ctx, composers, config, tasks, banks, out, started)
 
 

@@ -5,24 +5,28 @@ Nothing here is new maths: it connects data -> bank -> composer -> objective -> 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from taskvec.bank import Bank
+from taskvec.batching import image_loader, mixed_loader, split_validation
 from taskvec.compose import Composer
-from taskvec.data import ImageSet, augment, batches
-from taskvec.evaluate import accuracy
+from taskvec.data import ImageSet
+from taskvec.evaluate import accuracy, features, score, selection_metric
 from taskvec.merging import DEFAULT_ALPHA_GRID, alpha_search, task_arithmetic
-from taskvec.objectives import cross_entropy
-from taskvec.train import Loader, TrainConfig, TrainResult, fit
+from taskvec.objectives import cross_entropy, multitask_cross_entropy
+from taskvec.train import TrainConfig, TrainResult, fit
 from taskvec.vectors import TaskVector
 
 DEFAULT_RESULTS = Path("runs")
+# accuracy(model, head, split, resolution, **norm): every score a recipe computes goes through one, so a
+# test can inject a spy (or a label scrambler) and prove which splits steer the choices.
+Evaluator = Callable[..., float]
 
 
 @dataclass
@@ -38,27 +42,6 @@ class CoefficientSchedule:
     seed: int = 0
     progress: bool = True
     extra: dict = field(default_factory=dict)
-
-
-def image_loader(
-    split: ImageSet,
-    resolution: int,
-    *,
-    batch_size: int,
-    norm: dict,
-    augmentation: str | None = "weak",
-    min_steps: int = 1,
-) -> Loader:
-    """Shuffled, augmented batches of a split; small splits are repeated to give ``min_steps`` batches."""
-    repeats = max(1, math.ceil(min_steps * batch_size / max(1, len(split))))
-    pool = split if repeats == 1 else ImageSet(split.images.repeat(repeats, 1, 1, 1), split.labels.repeat(repeats))
-    steps = math.ceil(len(pool) / batch_size)
-
-    def make(generator: torch.Generator):
-        for x, y in batches(pool, batch_size, shuffle=True, generator=generator, resolution=resolution, **norm):
-            yield (augment(x, generator, augmentation, **norm) if augmentation else x), y
-
-    return Loader(make, steps)
 
 
 def learn_supervised(
@@ -185,3 +168,138 @@ def composer_for(
     base: nn.Module, vectors: Sequence[TaskVector], granularity: str, *, init: float = 0.0, linearized: bool = False
 ) -> Composer:
     return Composer(base, vectors, granularity, init=init, linearized=linearized)
+
+
+def bank_identity(banks: Sequence[Bank], tasks: Sequence[str]) -> list:
+    """What ties recorded results to bank contents (root and entries' vector norms), for a fingerprint:
+    a rebuilt bank invalidates old records."""
+    return [[str(bank.root), [bank.meta(t).get("vector_norm") for t in tasks if bank.has(t)]] for bank in banks]
+
+
+class MultiTaskSettings(Protocol):
+    """The settings multi-task coefficient learning reads (``AdditionConfig`` and ``MultiTaskSetup`` have them)."""
+
+    select_per_task: int
+    fit_per_task: int
+    seed: int
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_per_task: int
+    augmentation: str | None
+    progress: bool
+    resume: bool
+
+
+@dataclass
+class MultiTaskSetup:
+    """Multi-task supervised coefficient learning as the addition recipe's aTLAS row does it."""
+
+    select_per_task: int = 64  # validation images per task held out for model selection
+    fit_per_task: int = 192  # validation images per task the coefficients are trained on
+    seed: int = 0
+    epochs: int = 4
+    lr: float = 1e-2
+    weight_decay: float = 0.1
+    batch_per_task: int = 8
+    augmentation: str | None = None
+    init: float = 0.0
+    progress: bool = True
+    resume: bool = True
+
+
+class MultiTaskData:
+    """What every multi-task method needs: base, norm, heads, data parts, fine-tuned accuracies of one bank."""
+
+    def __init__(
+        self, bank: Bank, tasks: Sequence[str], config: MultiTaskSettings, evaluator: Evaluator = accuracy
+    ) -> None:
+        self.bank, self.evaluator = bank, evaluator
+        self.tasks = list(tasks)
+        self.base, self.norm, self.resolution = bank_and_norm(bank)
+        self.heads = {t: bank.head(t).freeze() for t in tasks}
+        self.meta = {t: bank.meta(t) for t in tasks}
+        data = {t: bank.loader(t, seed=bank.config.seed) for t in tasks}
+        self.test = {t: data[t].test for t in tasks}
+        parts = {t: split_validation(data[t].val, config.select_per_task, config.fit_per_task, config.seed, t)
+                 for t in tasks}
+        self.select = {t: parts[t][0] for t in tasks}
+        self.fit = {t: parts[t][1] for t in tasks}
+        self.finetuned = {t: float(self.meta[t]["finetuned_test_acc"]) for t in tasks}
+
+    def selection_scores(self, model: nn.Module) -> dict[str, float]:
+        """Accuracy on each task's selection part (validation data)."""
+        return {t: self.evaluator(model, self.heads[t], self.select[t], self.resolution, **self.norm)
+                for t in self.tasks}
+
+    def selection_score(self, model: nn.Module) -> float:
+        scores = self.selection_scores(model)
+        return sum(scores.values()) / len(scores)
+
+    def test_scores(self, model: nn.Module) -> dict[str, float]:
+        """Accuracy on each task's test split: the report, never a choice."""
+        return {t: self.evaluator(model, self.heads[t], self.test[t], self.resolution, **self.norm)
+                for t in self.tasks}
+
+    def vectors(self):
+        return self.bank.vectors(self.tasks)
+
+
+def train_multitask(
+    composer: nn.Module, ctx: MultiTaskData, config: MultiTaskSettings, label: str, checkpoint: Path
+) -> TrainResult:
+    """Sum of per-task cross-entropies, every batch mixing all tasks; epoch chosen on the selection parts."""
+    loader = mixed_loader([ctx.fit[t] for t in ctx.tasks], config.batch_per_task, ctx.resolution, ctx.norm,
+                          augmentation=config.augmentation)
+    trained = fit(
+        composer,
+        multitask_cross_entropy({t: ctx.heads[t] for t in ctx.tasks}),
+        loader,
+        TrainConfig(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay, warmup_fraction=0.0,
+                    seed=config.seed, progress=config.progress, description=label, checkpoint=checkpoint,
+                    resume=config.resume),
+        evaluate=ctx.selection_score,
+    )
+    checkpoint.unlink(missing_ok=True)
+    return trained
+
+
+def train_through_backbone(
+    model: nn.Module, head: nn.Module, train: ImageSet, val: ImageSet | None, resolution: int, norm: dict,
+    schedule: CoefficientSchedule, seed: int, lr: float, label: str, progress: bool = True,
+) -> tuple[float | None, dict]:
+    """Cross-entropy through the frozen head on the (augmented) training shots, in eval mode (BatchNorm
+    statistics frozen); the untrained start and every epoch compete on :func:`selection_metric`."""
+    loader = image_loader(train, resolution, batch_size=schedule.batch_size, norm=norm,
+                          augmentation=schedule.augmentation, min_steps=schedule.min_steps_per_epoch)
+
+    def evaluate(m: nn.Module) -> float:
+        return selection_metric(head(features(m, val, resolution, **norm)), val)
+
+    result = fit(
+        model,
+        cross_entropy(head),
+        loader,
+        TrainConfig(epochs=schedule.epochs, lr=lr, weight_decay=schedule.weight_decay, warmup_fraction=0.0,
+                    seed=seed, train_mode=False, progress=progress, description=label),
+        evaluate=None if val is None else evaluate,
+    )
+    selection = None if val is None else score(head(features(model, val, resolution, **norm)), val)
+    losses = [round(record.loss, 5) for record in result.history if record.epoch > 0]
+    return selection, {"best_epoch": result.best_epoch, "train_losses": losses}
+
+
+def learn_atlas(
+    base: nn.Module, vectors: Sequence, head: nn.Module, train: ImageSet, val: ImageSet | None, resolution: int,
+    norm: dict, schedule: CoefficientSchedule, seed: int, label: str = "aTLAS", progress: bool = True,
+) -> tuple[nn.Module, float | None, dict]:
+    """aTLAS block coefficients from 0 (the pre-trained model) at the schedule's lr (0.1)."""
+    composer = Composer(base, vectors, "block", init=0.0)
+    selection, detail = train_through_backbone(composer, head, train, val, resolution, norm, schedule, seed,
+                                               schedule.lr, label, progress)
+    coefficients = composer.coefficients.detach()
+    detail["learned"] = int(coefficients.numel())
+    detail["mean_coefficient_per_vector"] = dict(
+        zip(composer.vector_names, coefficients.mean(1).tolist(), strict=True))
+    detail["max_abs_coefficient"] = float(coefficients.abs().max())
+    return composer.merge(), selection, detail

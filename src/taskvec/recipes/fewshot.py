@@ -43,38 +43,32 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import json
-import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
-from taskvec.compose import Composer
 from taskvec.data import ImageSet
-from taskvec.evaluate import features
+from taskvec.evaluate import features, score, selection_metric
+from taskvec.experiment import RecordStore, fingerprint, json_safe, mean_se, summarize
 from taskvec.heads import LPPlusPlus, TipAdapter, fit_linear_head, tip_adapter_search
-from taskvec.objectives import cross_entropy
 from taskvec.recipes.common import (
     DEFAULT_RESULTS,
     CoefficientSchedule,
     bank_and_norm,
     few_shot_pool,
     few_shot_split,
-    image_loader,
+    learn_atlas,
     resolve_head,
     scoring_head,
+    train_through_backbone,
 )
 from taskvec.report import markdown_table, plot_lines, write_results
-from taskvec.train import TrainConfig, fit
 
 METHODS: dict[str, str] = {
     "pretrained": "pre-trained + bank head",
@@ -125,39 +119,6 @@ class FewShotConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (sample std with n - 1, over sqrt(n)); NaN s.e. for n < 2."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
-
-
-def summarize(records: Sequence[dict], key: str = "test_acc") -> dict[str, list[dict]]:
-    """Per-target mean +- s.e. over seeds, and the over-target average: mean +- s.e. over seeds of the
-    per-seed mean across targets (only seeds where every target has the number)."""
-    by_target: dict[tuple, list[float]] = defaultdict(list)
-    by_seed: dict[tuple, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-    targets = sorted({r["target"] for r in records})
-    for r in records:
-        by_target[(r["target"], r["method"], r["k"])].append(r[key])
-        by_seed[(r["method"], r["k"])][r["seed"]][r["target"]] = r[key]
-    per_target = []
-    for (target, method, k), values in sorted(by_target.items()):
-        mean, se = mean_se(values)
-        per_target.append({"target": target, "method": method, "k": k, "mean": mean, "se": se, "n": len(values)})
-    average = []
-    for (method, k), seeds in sorted(by_seed.items()):
-        complete = [sum(v.values()) / len(v) for _, v in sorted(seeds.items()) if len(v) == len(targets)]
-        mean, se = mean_se(complete)
-        average.append({"method": method, "k": k, "mean": mean, "se": se, "n": len(complete)})
-    return {"per_target": per_target, "average": average}
-
-
 def _cell(mean: float, se: float, scale: float = 100.0, signed: bool = False) -> str:
     if mean != mean:
         return ""
@@ -184,12 +145,6 @@ def _grid_table(rows: Sequence[dict], methods: Sequence[str], shots: Sequence[in
 # ----------------------------------------------------------------------------------------------
 
 
-def score(logits: Tensor, split: ImageSet) -> float:
-    """Top-1 accuracy of precomputed logits against a split's labels: the one place the recipe reads
-    labels of an evaluation split (selection shots during selection, the test split at the end)."""
-    return float((logits.argmax(-1) == split.labels.cpu()).float().mean())
-
-
 @dataclass
 class _Features:
     """Features of one backbone on the training shots, the selection shots and the test split."""
@@ -199,35 +154,10 @@ class _Features:
     test: Tensor | None = None
 
 
-def json_safe(value: object) -> object:
-    """NaN (an undefined s.e.) becomes null, so the JSON is standard; paths become strings."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _timed(fn: Callable[[], object]) -> tuple[object, float]:
     tic = time.perf_counter()
     value = fn()
     return value, time.perf_counter() - tic
-
-
-def selection_metric(logits: Tensor, split: ImageSet) -> float:
-    """Model selection score on the selection shots: accuracy, ties broken by lower cross-entropy.
-
-    The tie-break term lies in (0, 1 / (n + 1)), below one sample's worth of accuracy (1 / n), so it
-    only orders states of equal accuracy. Without it, a few dozen selection images and a strong head
-    make most trained states tie with the untrained start, which then always wins.
-    """
-    labels = split.labels.cpu()
-    loss = float(F.cross_entropy(logits.float(), labels))
-    return score(logits, split) + 1.0 / ((len(split) + 1) * (1.0 + loss))
 
 
 def _probe(feats: _Features, train: ImageSet, val: ImageSet | None, classes: int, config: FewShotConfig):
@@ -271,57 +201,15 @@ def _extract(model: nn.Module, train: ImageSet, val: ImageSet | None, resolution
     )
 
 
-def _train_through_backbone(
-    model: nn.Module, head: nn.Module, train: ImageSet, val: ImageSet | None, resolution: int, norm: dict,
-    config: FewShotConfig, seed: int, lr: float, label: str,
-) -> tuple[float | None, dict]:
-    """Cross-entropy through the frozen head on the (augmented) training shots, in eval mode (BatchNorm
-    statistics frozen); the untrained start and every epoch compete on :func:`selection_metric`."""
-    schedule = config.schedule
-    loader = image_loader(train, resolution, batch_size=schedule.batch_size, norm=norm,
-                          augmentation=schedule.augmentation, min_steps=schedule.min_steps_per_epoch)
-
-    def evaluate(m: nn.Module) -> float:
-        return selection_metric(head(features(m, val, resolution, **norm)), val)
-
-    result = fit(
-        model,
-        cross_entropy(head),
-        loader,
-        TrainConfig(epochs=schedule.epochs, lr=lr, weight_decay=schedule.weight_decay, warmup_fraction=0.0,
-                    seed=seed, train_mode=False, progress=config.progress, description=label),
-        evaluate=None if val is None else evaluate,
-    )
-    selection = None if val is None else score(head(features(model, val, resolution, **norm)), val)
-    losses = [round(record.loss, 5) for record in result.history if record.epoch > 0]
-    return selection, {"best_epoch": result.best_epoch, "train_losses": losses}
-
-
 def _finetune(
     base: nn.Module, head: nn.Module, train: ImageSet, val: ImageSet | None, resolution: int, norm: dict,
     config: FewShotConfig, seed: int,
 ) -> tuple[nn.Module, float | None, dict]:
     """The whole backbone through the frozen head, BatchNorm statistics frozen; epoch chosen on ``val``."""
     model = copy.deepcopy(base).requires_grad_(True)
-    selection, detail = _train_through_backbone(model, head, train, val, resolution, norm, config, seed,
-                                                config.finetune_lr, "full fine-tuning")
+    selection, detail = train_through_backbone(model, head, train, val, resolution, norm, config.schedule, seed,
+                                               config.finetune_lr, "full fine-tuning", config.progress)
     return model.eval(), selection, detail
-
-
-def learn_atlas(
-    base: nn.Module, vectors: Sequence, head: nn.Module, train: ImageSet, val: ImageSet | None, resolution: int,
-    norm: dict, config: FewShotConfig, seed: int, label: str = "aTLAS",
-) -> tuple[nn.Module, float | None, dict]:
-    """aTLAS block coefficients from 0 (the pre-trained model) at the schedule's lr (0.1)."""
-    composer = Composer(base, vectors, "block", init=0.0)
-    selection, detail = _train_through_backbone(composer, head, train, val, resolution, norm, config, seed,
-                                                config.schedule.lr, label)
-    coefficients = composer.coefficients.detach()
-    detail["learned"] = int(coefficients.numel())
-    detail["mean_coefficient_per_vector"] = dict(
-        zip(composer.vector_names, coefficients.mean(1).tolist(), strict=True))
-    detail["max_abs_coefficient"] = float(coefficients.abs().max())
-    return composer.merge(), selection, detail
 
 
 def run_job(
@@ -362,7 +250,8 @@ def run_job(
 
     if any(m in methods for m in ATLAS_FAMILY):
         (merged, selection, detail), seconds = _timed(
-            lambda: learn_atlas(base, vectors, head, train, val, resolution, norm, config, seed))
+            lambda: learn_atlas(base, vectors, head, train, val, resolution, norm, config.schedule, seed,
+                                progress=config.progress))
         test_merged = features(merged, task.test, resolution, **norm)
         if "atlas" in methods:
             record("atlas", head(test_merged), selection, seconds, detail)
@@ -407,7 +296,8 @@ def run_ood(
             train, val = few_shot_split(few_shot_pool(task_s), k, seed)
             (merged, selection, detail), seconds = _timed(
                 lambda train=train, val=val, seed=seed: learn_atlas(
-                    base, vectors, head, train, val, resolution, norm, config, seed, label="aTLAS (OOD)"))
+                    base, vectors, head, train, val, resolution, norm, config.schedule, seed, label="aTLAS (OOD)",
+                    progress=config.progress))
             with torch.no_grad():
                 atlas_s = head(features(merged, task_s.test, resolution, **norm))
                 atlas_t = head(features(merged, task_t.test, resolution, **norm))
@@ -451,34 +341,6 @@ def _ood_table(records: Sequence[dict]) -> tuple[list[dict], str]:
 # ----------------------------------------------------------------------------------------------
 
 
-class _Records:
-    """Finished jobs appended as JSON lines, keyed by the settings that determine their numbers."""
-
-    def __init__(self, path: Path, fingerprint: str, enabled: bool) -> None:
-        self.path, self.fingerprint, self.enabled = path, fingerprint, enabled
-        self.done: dict[str, list[dict]] = {}
-        if enabled and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a killed run
-                    continue
-                if item.get("fingerprint") == fingerprint:
-                    self.done[item["job"]] = item["records"]
-
-    def get(self, job: str, methods: Sequence[str]) -> list[dict] | None:
-        records = self.done.get(job)
-        if records is None or not set(methods) <= {r["method"] for r in records}:
-            return None
-        return [r for r in records if r["method"] in methods]
-
-    def put(self, job: str, records: list[dict]) -> None:
-        self.done[job] = records
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps({"fingerprint": self.fingerprint, "job": job, "records": records}) + "\n")
-
-
 def _fingerprint(config: FewShotConfig, bank: Bank) -> str:
     settings = {
         "bank": str(bank.root), "bank_config": asdict(bank.config), "schedule": asdict(config.schedule),
@@ -487,7 +349,7 @@ def _fingerprint(config: FewShotConfig, bank: Bank) -> str:
     }
     if config.head_from != "own":  # records made before the option existed stay valid for "own"
         settings["head_from"] = config.head_from
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return fingerprint(settings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,14 +393,14 @@ def run_fewshot(
     base, norm, resolution = bank_and_norm(bank)
     out = Path(config.out)
     methods = [m for m in METHODS if m in config.methods]
-    store = _Records(out / "fewshot_records.jsonl", _fingerprint(config, bank), config.resume)
+    store = RecordStore(out / "fewshot_records.jsonl", _fingerprint(config, bank), config.resume)
 
     records: list[dict] = []
     jobs = [(t, k, s) for t in config.targets for k in config.shots for s in config.seeds]
     bar = tqdm(total=len(jobs), desc="few-shot jobs", disable=not config.progress)
     for target in config.targets:
         todo = [(k, s) for k, s in ((k, s) for t, k, s in jobs if t == target)
-                if store.get(f"{target}/{k}/{s}", methods) is None]
+                if store.get_methods(f"{target}/{k}/{s}", methods) is None]
         if todo:
             task = bank.loader(target, seed=bank.config.seed)
             _, head = scoring_head(bank, target, config.head_from)
@@ -547,7 +409,7 @@ def run_fewshot(
         for k in config.shots:
             for seed in config.seeds:
                 job = f"{target}/{k}/{seed}"
-                done = store.get(job, methods)
+                done = store.get_methods(job, methods)
                 if done is None:
                     bar.set_postfix(target=target, k=k, seed=seed)
                     done = run_job(base, vectors, head, task, k, seed, methods, resolution, norm, config,

@@ -36,13 +36,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
+from taskvec.batching import mixed_loader, split_validation
 from taskvec.compose import Composer
+from taskvec.control import ROUNDING, control_kept, negation_score  # noqa: F401 (re-exported)
+from taskvec.control import default_control as _default_control
 from taskvec.evaluate import accuracy
+from taskvec.experiment import RecordStore, fingerprint, history, plot_bars
 from taskvec.io import write_json
 from taskvec.merging import alpha_search
 from taskvec.objectives import negation
-from taskvec.recipes.addition import Records, fingerprint, history, mixed_loader, plot_bars, split_validation
-from taskvec.recipes.common import DEFAULT_RESULTS, bank_and_norm
+from taskvec.recipes.common import DEFAULT_RESULTS, Evaluator, bank_and_norm, bank_identity
 from taskvec.report import markdown_table, plot_coefficients, write_results
 from taskvec.train import TrainConfig, fit
 
@@ -56,44 +59,11 @@ METHODS: dict[str, str] = {
 LINEARISED = ("task_arithmetic_lin", "atlas_lin")
 DEFAULT_CONTROL = "fashion_mnist"
 FALLBACK_CONTROL = "mnist"
-ROUNDING = 1e-6
-
-
-# ----------------------------------------------------------------------------------------------
-# The 95% rule
-# ----------------------------------------------------------------------------------------------
-
-
-def control_kept(control_acc: float, reference_acc: float, fraction: float = 0.95) -> bool:
-    """The control condition of task negation: control accuracy >= ``fraction`` x the pre-trained's.
-
-    Accuracies arrive as float32 means, so the comparison allows 1e-6 of rounding (72/100 against
-    0.9 x 80/100 must pass); accuracies over fewer than 10^5 samples differ by at least 1e-5, so the
-    slack never changes a real decision.
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1]; got {fraction!r}")
-    return control_acc >= fraction * reference_acc - ROUNDING
-
-
-def negation_score(target_acc: float, control_acc: float, reference_acc: float, fraction: float = 0.95) -> float:
-    """One number, higher is better, for model selection under the 95% rule.
-
-    A state that keeps the control scores ``1 - target_acc`` (in [0, 1]: the lower the target
-    accuracy the better); one that does not scores ``control_acc - 2`` (in [-2, -1]), below every
-    state that keeps it, so the selection picks the lowest target accuracy among states that satisfy
-    the rule, and falls back to the best control only if none does.
-    """
-    if control_kept(control_acc, reference_acc, fraction):
-        return 1.0 - target_acc
-    return control_acc - 2.0
 
 
 def default_control(target: str, control: str = DEFAULT_CONTROL, fallback: str = FALLBACK_CONTROL) -> str:
     """The control task for ``target``: ``control``, or ``fallback`` when the target is the control."""
-    if control == fallback:
-        raise ValueError(f"control and fallback control must differ; both are {control!r}")
-    return fallback if target == control else control
+    return _default_control(target, control, fallback)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,15 +117,16 @@ class _Side:
 class _Job:
     """A (target, control) pair in one bank, with its selection rule."""
 
-    def __init__(self, bank: Bank, target: str, control: str, config: NegationConfig) -> None:
-        self.bank, self.config = bank, config
+    def __init__(self, bank: Bank, target: str, control: str, config: NegationConfig,
+                 evaluator: Evaluator = accuracy) -> None:
+        self.bank, self.config, self.evaluator = bank, config, evaluator
         self.base, self.norm, self.resolution = bank_and_norm(bank)
         self.target, self.control = _Side(bank, target, config), _Side(bank, control, config)
         self.reference = self._acc(self.base, self.control, "select")  # pre-trained control accuracy (val)
         self.trace: list[dict] = []
 
     def _acc(self, model: nn.Module, side: _Side, split: str) -> float:
-        return accuracy(model, side.head, getattr(side, split), self.resolution, **self.norm)
+        return self.evaluator(model, side.head, getattr(side, split), self.resolution, **self.norm)
 
     def selection(self, model: nn.Module) -> float:
         """The 95% rule on the selection parts (validation data); records both accuracies."""
@@ -245,8 +216,11 @@ def run_negation(
     bank: Bank | None = None,
     linear_bank: Bank | None = None,
     tasks: Sequence[str] = DEFAULT_TASKS,
+    evaluator: Evaluator = accuracy,
 ) -> dict:
-    """Negate every target by every method; returns the payload written to ``<out>/negation.json``."""
+    """Negate every target by every method; returns the payload written to ``<out>/negation.json``.
+
+    ``evaluator`` computes every accuracy (selection and report): tests inject spies through it."""
     config = config or NegationConfig()
     tasks = tuple(tasks)
     _check(config, tasks)
@@ -266,7 +240,8 @@ def run_negation(
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(config).items() if k not in ("targets", "methods", "out", "resume",
                                                                       "progress")}
-    records = Records(out / "negation_records.json", fingerprint(settings, banks, needed), config.resume)
+    records = RecordStore(out / "negation_records.jsonl",
+                          fingerprint({**settings, "banks": bank_identity(banks, needed)}), config.resume)
 
     heatmaps: dict[str, str] = {}
     bar = tqdm(total=len(config.targets) * len(config.methods), desc="task negation", disable=not config.progress)
@@ -282,7 +257,7 @@ def run_negation(
             linearized = method in LINEARISED
             use = banks[1] if linearized else bank
             if linearized not in jobs:
-                jobs[linearized] = _Job(use, target, control, config)
+                jobs[linearized] = _Job(use, target, control, config, evaluator)
             job = jobs[linearized]
             tic = time.perf_counter()
             job.trace = []
@@ -319,7 +294,7 @@ def run_negation(
             records.put(key, row)
             bar.update()
     bar.close()
-    rows = [records.rows[f"{t}/{m}"] for t in config.targets for m in config.methods]
+    rows = [records.get(f"{t}/{m}") for t in config.targets for m in config.methods]
     for row in rows:
         if "heatmap" in row:
             heatmaps[f"{row['target']}/{row['key']}"] = row["heatmap"]

@@ -42,9 +42,6 @@ predicts on the test inputs and the normalised entropy of its mean prediction (1
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -56,12 +53,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
+from taskvec.batching import unlabelled, unlabelled_loader
 from taskvec.compose import Composer
-from taskvec.data import ImageSet, augment, to_input
+from taskvec.data import augment
 from taskvec.evaluate import logits as predict
+from taskvec.evaluate import score
+from taskvec.experiment import RecordStore, fingerprint, json_safe, mean_se
+from taskvec.norm_tuning import norm_affine_model, norm_sgd
 from taskvec.objectives import default_trusted_k, entropy, sar, simclr, trusted_set, ufm
 from taskvec.recipes.common import DEFAULT_RESULTS, bank_and_norm
-from taskvec.recipes.fewshot import _Records, json_safe, mean_se, score
 from taskvec.report import markdown_table, write_results
 from taskvec.train import Loader, LossFn, TrainConfig, fit
 
@@ -104,71 +104,6 @@ def method_name(tuned: str, objective: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Unlabelled data
-# ----------------------------------------------------------------------------------------------
-
-
-def unlabelled(images: Tensor) -> ImageSet:
-    """A label-free view of images (labels all -1) for code that wants an ImageSet: adaptation never
-    holds the real labels, so it cannot read them."""
-    return ImageSet(images, torch.full((len(images),), -1, dtype=torch.long))
-
-
-def _batch_starts(n: int, batch_size: int) -> list[int]:
-    """Batch starts over n items, folding a trailing single item into the previous batch (NT-Xent and
-    batch statistics need two samples)."""
-    starts = list(range(0, n, batch_size))
-    if len(starts) > 1 and n - starts[-1] < 2:
-        starts.pop()
-    return starts
-
-
-def unlabelled_loader(
-    images: Tensor, resolution: int, norm: dict, batch_size: int, trusted: tuple[Tensor, Tensor] | None = None
-) -> Loader:
-    """Shuffled batches of inputs ``x``; with ``trusted = (indices, pseudo-labels)`` (UFM), each batch is
-    ``(x, targets)`` with half untrusted samples (target -1) and half trusted ones, cycling the trusted
-    stream, and an epoch is one pass over the untrusted samples."""
-    n = len(images)
-    if n < 2:
-        raise ValueError(f"test-time adaptation needs at least 2 unlabelled inputs; got {n}")
-    if trusted is None:
-        starts = _batch_starts(n, batch_size)
-
-        def make(generator: torch.Generator):
-            order = torch.randperm(n, generator=generator)
-            for i, start in enumerate(starts):
-                stop = starts[i + 1] if i + 1 < len(starts) else n
-                yield to_input(images[order[start:stop]], resolution, **norm)
-
-        return Loader(make, len(starts))
-
-    t_index, t_label = trusted
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[t_index] = False
-    rest = torch.nonzero(mask).flatten()
-    if len(rest) == 0:  # everything is trusted: the untrusted stream is the whole pool
-        rest = torch.arange(n)
-    half = max(1, batch_size // 2)
-    starts = list(range(0, len(rest), half))
-
-    def make_two_stream(generator: torch.Generator):
-        order = rest[torch.randperm(len(rest), generator=generator)]
-        stream: list[int] = []
-        for start in starts:
-            while len(stream) < half:
-                stream.extend(torch.randperm(len(t_index), generator=generator).tolist())
-            picks, stream[:] = stream[:half], stream[half:]
-            u = order[start : start + half]
-            t = torch.tensor(picks, dtype=torch.long)
-            idx = torch.cat([u, t_index[t]])
-            targets = torch.cat([torch.full((len(u),), -1, dtype=torch.long), t_label[t]])
-            yield to_input(images[idx], resolution, **norm), targets
-
-    return Loader(make_two_stream, len(starts))
-
-
-# ----------------------------------------------------------------------------------------------
 # Objectives and what they train
 # ----------------------------------------------------------------------------------------------
 
@@ -194,24 +129,6 @@ def make_objective(name: str, head: nn.Module, config: TTAConfig, norm: dict) ->
     if name == "ufm":
         return ufm(head, weak, strong, threshold=config.ufm_threshold)
     raise ValueError(f"unknown TTA objective {name!r}; choose from {list(OBJECTIVES)}")
-
-
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)
-
-
-def norm_affine_model(base: nn.Module) -> nn.Module:
-    """A copy of ``base`` whose only trainable parameters are its normalisation layers' affine ones."""
-    model = copy.deepcopy(base).requires_grad_(False).eval()
-    count = 0
-    for module in model.modules():
-        if isinstance(module, NORM_TYPES):
-            for param in (getattr(module, "weight", None), getattr(module, "bias", None)):
-                if isinstance(param, nn.Parameter):
-                    param.requires_grad_(True)
-                    count += param.numel()
-    if count == 0:
-        raise ValueError(f"{type(base).__name__} has no normalisation layer with affine parameters to tune")
-    return model
 
 
 def _objective_score(loss_fn: LossFn, loader: Loader, seed: int):
@@ -242,8 +159,7 @@ def adapt(
         raise ValueError(f"unknown tuned part {tuned!r}; choose from {list(TUNED)}")
     factory = None
     if tuned == "norm" and config.norm_optimizer == "sgd":
-        def factory(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-            return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=config.weight_decay)
+        factory = norm_sgd(lr, config.weight_decay)
     elif tuned == "norm" and config.norm_optimizer != "adamw":
         raise ValueError(f"norm_optimizer must be 'sgd' or 'adamw'; got {config.norm_optimizer!r}")
     loss_fn = make_objective(objective, head, config, norm)
@@ -292,7 +208,7 @@ def _fingerprint(config: TTAConfig, bank: Bank) -> str:
     settings = {k: v for k, v in asdict(config).items() if k not in ("targets", "objectives", "tuned", "seeds",
                                                                      "out", "resume", "progress")}
     settings["bank"] = str(bank.root)
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return fingerprint(settings)
 
 
 def _check(config: TTAConfig, tasks: Sequence[str]) -> None:
@@ -326,7 +242,7 @@ def run_tta(config: TTAConfig | None = None, *, bank: Bank | None = None, tasks:
     bank.build(tasks, progress=config.progress)
     base, norm, resolution = bank_and_norm(bank)
     out = Path(config.out)
-    store = _Records(out / "tta_records.jsonl", _fingerprint(config, bank), config.resume)
+    store = RecordStore(out / "tta_records.jsonl", _fingerprint(config, bank), config.resume)
     methods = [(t, o) for t in TUNED if t in config.tuned for o in OBJECTIVES if o in config.objectives]
 
     records: list[dict] = []
@@ -349,7 +265,7 @@ def run_tta(config: TTAConfig | None = None, *, bank: Bank | None = None, tasks:
             trusted = trusted_set(pool_logits, min(k, len(images) // task.num_classes))
             for tuned, objective in methods:
                 job = f"{target}/{tuned}/{objective}/{seed}"
-                done = store.get(job, [method_name(tuned, objective)])
+                done = store.get_methods(job, [method_name(tuned, objective)])
                 if done is None:
                     bar.set_postfix(target=target, method=f"{tuned}+{objective}")
                     tic = time.perf_counter()

@@ -2,15 +2,16 @@
 
 Two parts (``--parts``):
 
-- ``addition``: the whole bank merged for every task. aTLAS comes from :func:`run_addition` (its
-  ``atlas`` method) and the variational composer is trained on exactly the same validation parts:
-  each task's validation split cut into a fitting part and a selection part, the epoch chosen on the
-  selection part, test labels read only for the report. The objective is the multi-task ELBO (each
-  task through its own frozen head, as aTLAS's multi-task cross-entropy) with a KL warm-up.
+- ``addition``: the whole bank merged for every task. aTLAS is trained as the addition recipe's
+  ``atlas`` row (:func:`~taskvec.recipes.common.train_multitask`) and the variational composer is
+  trained on exactly the same validation parts: each task's validation split cut into a fitting part
+  and a selection part, the epoch chosen on the selection part, test labels read only for the report.
+  The objective is the multi-task ELBO (each task through its own frozen head, as aTLAS's multi-task
+  cross-entropy) with a KL warm-up.
 - ``fewshot``: leave-one-out targets, k shots per class from the target's validation split, the
   same :func:`few_shot_split` per (k, seed) for both methods; aTLAS is the few-shot recipe's
-  :func:`learn_atlas`, the variational composer trains on the same shots and selects on the same
-  held-out shots.
+  :func:`~taskvec.recipes.common.learn_atlas`, the variational composer trains on the same shots and
+  selects on the same held-out shots.
 
 At test time the variational composer uses its deterministic gate. The report gives accuracy, the
 fraction of coefficients the gate keeps (a heatmap per vector and block), and the inference cost per
@@ -32,28 +33,25 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
+from taskvec.batching import mixed_loader
 from taskvec.compose import Composer
 from taskvec.data import ImageSet, to_input
-from taskvec.evaluate import features
+from taskvec.evaluate import features, score, selection_metric
+from taskvec.experiment import RecordStore, fingerprint, history, json_safe, mean_se
 from taskvec.io import write_json
-from taskvec.recipes.addition import (
-    AdditionConfig,
-    AdditionContext,
-    Records,
-    fingerprint,
-    history,
-    mixed_loader,
-    run_addition,
-)
 from taskvec.recipes.common import (
     DEFAULT_RESULTS,
     CoefficientSchedule,
+    MultiTaskData,
+    MultiTaskSetup,
     bank_and_norm,
+    bank_identity,
     few_shot_pool,
     few_shot_split,
     image_loader,
+    learn_atlas,
+    train_multitask,
 )
-from taskvec.recipes.fewshot import FewShotConfig, json_safe, learn_atlas, mean_se, score, selection_metric
 from taskvec.report import markdown_table, write_results
 from taskvec.train import TrainConfig, TrainResult, fit
 from taskvec.variational import (
@@ -81,7 +79,7 @@ class VariationalRecipeConfig:
     kl_normalizer: str = "dataset"
     kl_warmup_fraction: float = 0.5  # of all training steps
     # Task addition: splits, epochs and batch shared with the addition recipe's aTLAS row.
-    addition: AdditionConfig = field(default_factory=lambda: AdditionConfig(methods=("atlas",)))
+    addition: MultiTaskSetup = field(default_factory=MultiTaskSetup)
     # Few-shot: targets held out of the bank one at a time, k shots per class, seeds.
     targets: tuple[str, ...] = ("emoji_twitter",)
     shots: tuple[int, ...] = (4, 16)
@@ -179,16 +177,40 @@ def inference_cost(
 # ----------------------------------------------------------------------------------------------
 
 
+def _atlas_addition(config: VariationalRecipeConfig, bank: Bank, out: Path, records: RecordStore) -> tuple[dict, Path]:
+    """The aTLAS row of task addition (block coefficients, multi-task cross-entropy, same parts)."""
+    tasks = tuple(config.tasks)
+    setup = replace(config.addition, progress=config.progress, resume=config.resume)
+    coefficient_file = out / "addition_atlas_coefficients.safetensors"
+    row = records.get("atlas")
+    if row is not None and coefficient_file.is_file():
+        return row, coefficient_file
+    tic = time.perf_counter()
+    ctx = MultiTaskData(bank, tasks, setup)
+    composer = Composer(ctx.base, ctx.vectors(), "block", init=setup.init)
+    result = train_multitask(composer, ctx, setup, "aTLAS (block)", out / "addition_atlas.ckpt")
+    train_seconds = time.perf_counter() - tic
+    test = ctx.test_scores(composer.merge())
+    normalized = {t: test[t] / ctx.finetuned[t] for t in tasks}
+    row = {"key": "atlas", "method": "aTLAS (block)", "selection_acc": float(result.best_metric), "test_acc": test,
+           "normalized": normalized, "avg_acc": sum(test.values()) / len(test),
+           "avg_normalized": sum(normalized.values()) / len(normalized), "learned": composer.coefficients.numel(),
+           "best_epoch": result.best_epoch, "history": history(result), "train_seconds": train_seconds,
+           "seconds": time.perf_counter() - tic}
+    composer.save_coefficients(coefficient_file, extra={"recipe": "variational", "method": "atlas"})
+    records.put("atlas", row)
+    return row, coefficient_file
+
+
 def run_addition_part(config: VariationalRecipeConfig, bank: Bank, out: Path) -> dict:
     tasks = tuple(config.tasks)
-    add_config = replace(config.addition, methods=("atlas",), bank=bank.config, out=out / "addition_atlas",
-                         progress=config.progress, resume=config.resume)
-    atlas = run_addition(add_config, bank=bank, tasks=tasks)
-    atlas_row = atlas["rows"][0]
-    ctx = AdditionContext(bank, tasks, add_config)
+    add_config = replace(config.addition, progress=config.progress, resume=config.resume)
     settings = {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "progress", "parts")}
-    records = Records(out / "variational_addition_records.json",
-                      fingerprint({**settings, "part": "addition"}, [bank], tasks), config.resume)
+    records = RecordStore(out / "variational_addition_records.jsonl",
+                          fingerprint({**settings, "part": "addition", "banks": bank_identity([bank], tasks)}),
+                          config.resume)
+    atlas_row, atlas_coefficients = _atlas_addition(config, bank, out, records)
+    ctx = MultiTaskData(bank, tasks, add_config)
     spec_dim = _feature_dim(ctx.base, ctx.resolution)
     composer = Composer(ctx.base, ctx.vectors(), config.granularity, init=add_config.init)
     model = _variational(composer, spec_dim, config)
@@ -230,12 +252,12 @@ def run_addition_part(config: VariationalRecipeConfig, bank: Bank, out: Path) ->
                                    title="variational composition, task addition: fraction of test images for "
                                          "which the gate keeps each (vector, block)")
     merged = Composer(ctx.base, ctx.vectors(), "block")
-    merged.load_coefficients(atlas["files"]["coefficients_atlas"])
+    merged.load_coefficients(atlas_coefficients)
     probe = torch.cat([to_input(ctx.test[t].images[: math.ceil(config.timing_batch / len(tasks))], ctx.resolution,
                                 **ctx.norm) for t in tasks])[: config.timing_batch]
     cost = inference_cost(model, merged.merge(), probe, config.timing_rounds)
     return {"atlas": atlas_row, "variational": row, "cost": cost, "kept_plot": str(kept_plot),
-            "atlas_files": atlas["files"], "tasks": list(tasks),
+            "atlas_coefficients": str(atlas_coefficients), "tasks": list(tasks),
             "sizes": {t: {"select": len(ctx.select[t]), "fit": len(ctx.fit[t]), "test": len(ctx.test[t])}
                       for t in tasks}}
 
@@ -264,7 +286,7 @@ def _fewshot_job(bank: Bank, base: nn.Module, target: str, k: int, seed: int, re
     schedule = replace(config.schedule, progress=config.progress, seed=seed)
     tic = time.perf_counter()
     merged, selection, detail = learn_atlas(base, bank.vectors(sources), head, train, val, resolution, norm,
-                                            FewShotConfig(schedule=schedule, progress=config.progress), seed)
+                                            schedule, seed, progress=config.progress)
     with torch.no_grad():
         atlas_acc = score(head(features(merged, task.test, resolution, **norm)), task.test)
     records = [{**common, "method": "atlas", "test_acc": atlas_acc, "selection_acc": selection,
@@ -295,8 +317,9 @@ def _fewshot_job(bank: Bank, base: nn.Module, target: str, k: int, seed: int, re
 def run_fewshot_part(config: VariationalRecipeConfig, bank: Bank, out: Path) -> dict:
     base, norm, resolution = bank_and_norm(bank)
     settings = {k: v for k, v in asdict(config).items() if k not in ("out", "resume", "progress", "parts")}
-    records = Records(out / "variational_fewshot_records.json",
-                      fingerprint({**settings, "part": "fewshot"}, [bank], config.tasks), config.resume)
+    records = RecordStore(out / "variational_fewshot_records.jsonl",
+                          fingerprint({**settings, "part": "fewshot", "banks": bank_identity([bank], config.tasks)}),
+                          config.resume)
     jobs = [(t, k, s) for t in config.targets for k in config.shots for s in config.seeds]
     done: list[dict] = []
     for target, k, seed in tqdm(jobs, desc="variational few-shot", disable=not config.progress):

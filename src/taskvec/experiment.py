@@ -1,0 +1,286 @@
+"""The experiment layer the recipes share: a job grid, one resumable record store keyed by one settings
+fingerprint, statistics (mean +- s.e.), tables, plots, JSON, and a command line generated from a
+recipe's config dataclass.
+
+A recipe is then a config class (fields documented with ``field(metadata={"help": ...})``, checked in
+``__post_init__``) and a function of one job; this module runs the grid, skips jobs already recorded
+under the same settings, and writes the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import types
+import typing
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import MISSING, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from taskvec.report import _save_figure, markdown_table, write_results
+from taskvec.train import TrainResult
+
+__all__ = [
+    "RecordStore",
+    "add_config_arguments",
+    "config_from_args",
+    "fingerprint",
+    "grid",
+    "history",
+    "json_safe",
+    "markdown_table",
+    "mean_se",
+    "plot_bars",
+    "run_grid",
+    "summarize",
+    "write_results",
+]
+
+# ----------------------------------------------------------------------------------------------
+# Jobs and records
+# ----------------------------------------------------------------------------------------------
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    """12 hex digits that change whenever a setting that determines the numbers changes.
+
+    Pass only such settings (not the output directory, progress bars, or the list of jobs to run),
+    plus the identity of the data they read (a bank's root and its entries' vector norms)."""
+    blob = json.dumps(dict(settings), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class RecordStore:
+    """Finished jobs appended as JSON lines ``{"fingerprint", "job", "value"}`` to one file.
+
+    Only lines written under the same fingerprint are read back, so an interrupted run resumes where it
+    stopped and a run with other settings starts afresh (old lines stay, never overwritten). A line cut
+    by a killed process is skipped. ``resume=False`` ignores what the file holds but still appends.
+    """
+
+    def __init__(self, path: Path | str, fingerprint: str, resume: bool = True) -> None:
+        self.path, self.fingerprint, self.resume = Path(path), fingerprint, resume
+        self.done: dict[str, Any] = {}
+        if resume and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(item, dict) and item.get("fingerprint") == fingerprint and "job" in item:
+                    self.done[item["job"]] = item.get("value", item.get("records"))
+
+    def get(self, job: str) -> Any | None:
+        return self.done.get(job)
+
+    def get_methods(self, job: str, methods: Sequence[str]) -> list[dict] | None:
+        """A job's records (``[{"method": ...}, ...]``) if every method asked for is among them."""
+        records = self.done.get(job)
+        if not isinstance(records, list) or not set(methods) <= {r.get("method") for r in records}:
+            return None
+        return [r for r in records if r["method"] in methods]
+
+    def put(self, job: str, value: Any) -> None:
+        self.done[job] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({"fingerprint": self.fingerprint, "job": job, "value": json_safe(value)}) + "\n")
+
+
+def grid(**axes: Iterable[Any]) -> list[dict[str, Any]]:
+    """Every combination of the axes, in order (last axis fastest): ``grid(target=..., k=..., seed=...)``."""
+    names = list(axes)
+    values = [list(v) for v in axes.values()]
+    for name, options in zip(names, values, strict=True):
+        if not options:
+            raise ValueError(f"grid axis {name!r} is empty")
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
+
+
+def job_key(job: Mapping[str, Any]) -> str:
+    return "|".join(f"{k}={v}" for k, v in job.items())
+
+
+def run_grid(
+    jobs: Sequence[Mapping[str, Any]], run_job: Callable[[Mapping[str, Any]], Any], store: RecordStore,
+    *, key: Callable[[Mapping[str, Any]], str] = job_key,
+) -> list[Any]:
+    """Run every job not already in ``store`` and record it; returns the values in job order."""
+    values = []
+    for job in jobs:
+        name = key(job)
+        value = store.get(name)
+        if value is None:
+            value = run_job(job)
+            store.put(name, value)
+        values.append(value)
+    return values
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample std with n - 1, over sqrt(n)); NaN s.e. for n < 2."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def summarize(records: Sequence[dict], key: str = "test_acc") -> dict[str, list[dict]]:
+    """Per-target mean +- s.e. over seeds, and the over-target average: mean +- s.e. over seeds of the
+    per-seed mean across targets (only seeds where every target has the number).
+
+    Records hold ``target``, ``method``, ``k``, ``seed`` and the number under ``key``."""
+    by_target: dict[tuple, list[float]] = defaultdict(list)
+    by_seed: dict[tuple, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    targets = sorted({r["target"] for r in records})
+    for r in records:
+        by_target[(r["target"], r["method"], r["k"])].append(r[key])
+        by_seed[(r["method"], r["k"])][r["seed"]][r["target"]] = r[key]
+    per_target = []
+    for (target, method, k), values in sorted(by_target.items()):
+        mean, se = mean_se(values)
+        per_target.append({"target": target, "method": method, "k": k, "mean": mean, "se": se, "n": len(values)})
+    average = []
+    for (method, k), seeds in sorted(by_seed.items()):
+        complete = [sum(v.values()) / len(v) for _, v in sorted(seeds.items()) if len(v) == len(targets)]
+        mean, se = mean_se(complete)
+        average.append({"method": method, "k": k, "mean": mean, "se": se, "n": len(complete)})
+    return {"per_target": per_target, "average": average}
+
+
+def json_safe(value: object) -> object:
+    """NaN (an undefined s.e.) becomes null, so the JSON is standard; paths become strings."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def history(result: TrainResult) -> list[dict]:
+    """A training run's per-epoch loss and selection metric, JSON-ready (NaN loss of epoch 0 -> null)."""
+    return [{"epoch": r.epoch, "loss": None if r.loss != r.loss else r.loss, "selection": r.metric}
+            for r in result.history]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_bars(
+    values: Mapping[str, float], path: Path | str, *, ylabel: str, title: str,
+    points: Mapping[str, Mapping[str, float]] | None = None, reference: float | None = None,
+) -> Path:
+    """One bar per method (``values``), with optional per-task points on top and a reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(values)
+    figure, axis = plt.subplots(figsize=(1.2 + 1.1 * len(names), 4.2))
+    axis.bar(range(len(names)), [values[n] for n in names], color="#4c72b0", alpha=0.85)
+    if points:
+        tasks = sorted({t for per in points.values() for t in per})
+        markers = "os^vD<>p*h"
+        for j, task in enumerate(tasks):
+            xs = [i for i, n in enumerate(names) if task in points.get(n, {})]
+            ys = [points[names[i]][task] for i in xs]
+            axis.scatter(xs, ys, s=18, marker=markers[j % len(markers)], zorder=3, label=task)
+        axis.legend(fontsize=7, ncol=2, loc="lower right")
+    if reference is not None:
+        axis.axhline(reference, color="grey", lw=0.8, ls="--")
+    for i, n in enumerate(names):
+        axis.text(i, values[n], f"{values[n]:.3f}", ha="center", va="bottom", fontsize=7)
+    axis.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(axis="y", alpha=0.3)
+    try:
+        return _save_figure(figure, Path(path))
+    finally:
+        plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------
+# A command line from a config dataclass
+# ----------------------------------------------------------------------------------------------
+
+
+def _scalar(annotation: Any) -> tuple[type, bool]:
+    """(element type, optional) of ``int``, ``float | None``, ``Path``, ``str``..."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _scalar(inner[0])[0], True
+    return (annotation if isinstance(annotation, type) else str), False
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser, config_class: type, *, skip: Sequence[str] = (), names: Mapping[str, str] = (),
+) -> None:
+    """One option per field of ``config_class`` that has ``metadata["help"]`` and is not in ``skip``.
+
+    ``--field-name`` (or ``names[field]``); tuples take several values; a bool that defaults to True
+    becomes ``--no-field-name``; defaults and help text come from the dataclass, so they cannot drift.
+    """
+    if not is_dataclass(config_class):
+        raise TypeError(f"{config_class!r} is not a dataclass")
+    hints = typing.get_type_hints(config_class)
+    names = dict(names)
+    for f in fields(config_class):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else None)
+        flag = names.get(f.name, "--" + f.name.replace("_", "-"))
+        text = f.metadata["help"]
+        hint = hints[f.name]
+        if hint is bool:
+            if default:
+                parser.add_argument(flag if f.name in names else "--no-" + f.name.replace("_", "-"),
+                                    dest=f.name, action="store_false", help=text)
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=text)
+            continue
+        if typing.get_origin(hint) is tuple:
+            element = typing.get_args(hint)[0]
+            parser.add_argument(flag, dest=f.name, nargs="+", type=element, default=list(default),
+                                choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
+                                help=f"{text} (default: %(default)s)")
+            continue
+        kind, _ = _scalar(hint)
+        parser.add_argument(flag, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"),
+                            metavar=f.metadata.get("metavar"), help=f"{text} (default: %(default)s)")
+
+
+def config_from_args(config_class: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """The config built from the options :func:`add_config_arguments` added (its ``__post_init__``
+    validates before any work), with ``overrides`` on top."""
+    values = {}
+    for f in fields(config_class):
+        if f.name in overrides:
+            continue
+        if hasattr(args, f.name) and "help" in f.metadata:
+            value = getattr(args, f.name)
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    return config_class(**values, **overrides)

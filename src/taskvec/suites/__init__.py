@@ -1,0 +1,57 @@
+"""Suites: what an experiment runs on (a backbone, its tasks and bank, their data, heads and
+augmentations), behind one interface so the experiment layer and the recipes never branch on the
+modality. :class:`~taskvec.suites.vision.VisionSuite` wraps today's image bank; a text suite (MiniLM,
+tokenised batches, zero-shot heads) implements the same protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from torch import nn
+
+from taskvec.train import Loader
+from taskvec.vectors import TaskVector
+
+
+@runtime_checkable
+class Suite(Protocol):
+    """The data side of an experiment. Splits are opaque to the layer: only the suite batches them."""
+
+    name: str
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Every task the suite has a vector and a head for."""
+        ...
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the suite's numbers (backbone, bank root, entries): part of every fingerprint."""
+        ...
+
+    def backbone(self) -> nn.Module:
+        """A fresh pre-trained backbone in eval mode (inputs -> features)."""
+        ...
+
+    def vectors(self, tasks: Sequence[str]) -> list[TaskVector]:
+        ...
+
+    def head(self, task: str) -> nn.Module:
+        """The task's frozen head (features -> logits)."""
+        ...
+
+    def splits(self, task: str) -> Any:
+        """The task's ``train``, ``val`` and ``test`` splits (attributes)."""
+        ...
+
+    def loader(self, split: Any, *, batch_size: int, augmentation: str | None = None, min_steps: int = 1) -> Loader:
+        """Shuffled training batches ``(inputs, labels)`` of a split, augmented as named."""
+        ...
+
+    def accuracy(self, model: nn.Module, head: nn.Module, split: Any) -> float:
+        """Top-1 accuracy of ``head(model(inputs))`` on a split."""
+        ...
+
+
+__all__ = ["Suite"]

@@ -1,0 +1,82 @@
+"""The vision suite: the image bank (MobileNetV2 or ViT backbone, six small image tasks, their task
+vectors and linear heads), image loaders and augmentations, behind :class:`taskvec.suites.Suite`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from torch import nn
+
+from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
+from taskvec.batching import image_loader
+from taskvec.data import ImageSet, augment
+from taskvec.evaluate import accuracy
+from taskvec.train import Loader
+from taskvec.vectors import TaskVector
+
+
+class VisionSuite:
+    """A bank of image tasks; builds missing entries on first use (cached, resumable)."""
+
+    name = "vision"
+
+    def __init__(self, bank: Bank | None = None, *, tasks: Sequence[str] = DEFAULT_TASKS, progress: bool = True,
+                 config: BankConfig | None = None) -> None:
+        self.bank = bank or Bank(config or BankConfig())
+        self._tasks = tuple(tasks)
+        self.progress = progress
+        self._norm: dict | None = None
+        self._resolution = self.bank.config.resolution
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self._tasks
+
+    def build(self, tasks: Sequence[str] | None = None) -> None:
+        self.bank.build(tuple(tasks or self._tasks), progress=self.progress)
+
+    def identity(self) -> dict[str, Any]:
+        return {"suite": self.name, "bank": str(self.bank.root), "bank_config": asdict(self.bank.config),
+                "entries": {t: self.bank.meta(t).get("vector_norm") for t in self._tasks if self.bank.has(t)}}
+
+    def backbone(self) -> nn.Module:
+        from taskvec.models import build_backbone
+
+        base, spec = build_backbone(self.bank.config.backbone, pretrained=self.bank.config.pretrained)
+        self._norm = {"mean": spec.mean, "std": spec.std}
+        return base.eval()
+
+    @property
+    def norm(self) -> dict:
+        """The backbone's input normalisation (``mean``, ``std``)."""
+        if self._norm is None:
+            self.backbone()
+        assert self._norm is not None
+        return self._norm
+
+    @property
+    def resolution(self) -> int:
+        return self._resolution
+
+    def vectors(self, tasks: Sequence[str]) -> list[TaskVector]:
+        return self.bank.vectors(tasks)
+
+    def head(self, task: str) -> nn.Module:
+        return self.bank.head(task).freeze()
+
+    def splits(self, task: str):
+        return self.bank.loader(task, seed=self.bank.config.seed)
+
+    def loader(
+        self, split: ImageSet, *, batch_size: int, augmentation: str | None = "weak", min_steps: int = 1
+    ) -> Loader:
+        return image_loader(split, self._resolution, batch_size=batch_size, norm=self.norm, augmentation=augmentation,
+                            min_steps=min_steps)
+
+    def augment(self, x, generator, strength: str):
+        return augment(x, generator, strength, **self.norm)
+
+    def accuracy(self, model: nn.Module, head: nn.Module, split: ImageSet) -> float:
+        return accuracy(model, head, split, self._resolution, **self.norm)
