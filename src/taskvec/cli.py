@@ -94,22 +94,66 @@ def _bank_config(args: argparse.Namespace):
     )
 
 
+def _text_suite(args: argparse.Namespace, *, linearized: bool | None = None):
+    """The text suite for `--suite text`: its own config (MiniLM, step budget); --seed/--linearized/--lr apply."""
+    from taskvec.suites.text import TEXT_TASKS_DEFAULT, TextBankConfig, TextSuite
+
+    lin = args.linearized if linearized is None else linearized
+    config = TextBankConfig(seed=args.seed, linearized=lin, lr=args.lr)
+    root = args.root if linearized is None else None
+    return TextSuite(config=config, root=root, tasks=args.tasks or TEXT_TASKS_DEFAULT, progress=True)
+
+
+def _text_rows(args: argparse.Namespace) -> list[dict]:
+    """Per task: zero-shot and fine-tuned test accuracy (+ balanced), and linearised when that bank exists."""
+    suite = _text_suite(args)
+    rows = suite.bank.table()
+    if not args.linearized and args.root is None:
+        linear = _text_suite(args, linearized=True).bank
+        for row in rows:
+            if linear.has(row["task"]):
+                row["linearized_test_acc"] = linear.meta(row["task"])["finetuned_test_acc"]
+    return rows
+
+
 def _bank_build(args: argparse.Namespace) -> int:
     from taskvec.bank import Bank
 
+    if args.suite == "text":
+        suite = _text_suite(args)
+        suite.bank.build(args.tasks or suite.tasks, force=args.force)
+        print(f"bank: {suite.bank.root}")
+        _print_table(_text_rows(args))
+        return 0
     bank = Bank(_bank_config(args), root=args.root)
-    bank.build(args.tasks, force=args.force)
+    bank.build(args.tasks or list(_vision_tasks()), force=args.force)
     print(f"bank: {bank.root}")
     _print_table(bank.table())
     return 0
 
 
+def _vision_tasks():
+    from taskvec.bank import DEFAULT_TASKS
+
+    return DEFAULT_TASKS
+
+
 def _bank_list(args: argparse.Namespace) -> int:
     from taskvec.bank import Bank
 
-    bank = Bank(_bank_config(args), root=args.root)
-    print(f"bank: {bank.root}")
-    _print_table(bank.table())
+    if args.suite == "text":
+        rows = _text_rows(args)
+        root = _text_suite(args).bank.root
+    else:
+        bank = Bank(_bank_config(args), root=args.root)
+        rows, root = bank.table(), bank.root
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"bank: {root}")
+    _print_table(rows)
     return 0
 
 
@@ -125,7 +169,11 @@ def _add_bank_options(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=defaults.seed, help="splits and training seed (default: %(default)s)")
     add("--linearized", action="store_true", help="fine-tune in tangent space (linearised task vectors)")
     add("--root", type=Path, default=None, help="bank directory (default: under $TASKVEC_CACHE/banks)")
-    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="tasks (default: all six)")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help=f"tasks (default: the suite's: {', '.join(DEFAULT_TASKS)} for vision, seven zero-shot text tasks)")
+    parser.add_argument("--suite", choices=("vision", "text"), default="vision",
+                        help="vision (MobileNetV2, probe heads) or text (MiniLM, zero-shot heads); text ignores "
+                             "--backbone/--resolution/--epochs (default: %(default)s)")
 
 
 # -- bench -----------------------------------------------------------------------------------
@@ -188,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(run=_bank_build)
     listing = bank.add_parser("list", help="show the bank's entries and their accuracies")
     _add_bank_options(listing)
+    listing.add_argument("--json", action="store_true", help="print the rows as a JSON list (one object per task)")
     listing.set_defaults(run=_bank_list)
 
     bench = commands.add_parser("bench", help="benchmarks that print tables").add_subparsers(
