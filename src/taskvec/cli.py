@@ -170,7 +170,8 @@ def _add_bank_options(parser: argparse.ArgumentParser) -> None:
     add("--linearized", action="store_true", help="fine-tune in tangent space (linearised task vectors)")
     add("--root", type=Path, default=None, help="bank directory (default: under $TASKVEC_CACHE/banks)")
     parser.add_argument("--tasks", nargs="+", default=None,
-                        help=f"tasks (default: the suite's: {', '.join(DEFAULT_TASKS)} for vision, seven zero-shot text tasks)")
+                        help=f"tasks (default: the suite's: {', '.join(DEFAULT_TASKS)} for vision, "
+                             "seven zero-shot text tasks for text)")
     parser.add_argument("--suite", choices=("vision", "text"), default="vision",
                         help="vision (MobileNetV2, probe heads) or text (MiniLM, zero-shot heads); text ignores "
                              "--backbone/--resolution/--epochs (default: %(default)s)")
@@ -257,15 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the main job: few-shot aTLAS on a task held out of the bank, against the baselines"
     )
-    demo.add_argument("--target", default="emoji_twitter", help="held-out target task (default: %(default)s)")
+    demo.add_argument("--suite", choices=("vision", "text"), default="vision",
+                      help="vision (MobileNetV2 bank) or text (MiniLM bank, zero-shot heads) (default: %(default)s)")
+    demo.add_argument("--target", default=None,
+                      help="held-out target task (default: emoji_twitter; wordnet_noun with --suite text)")
     demo.add_argument("--shots", type=int, default=16, help="labelled images per class (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="few-shot sampling and training seed")
     demo.add_argument("--head-from", default="auto", metavar="TASK",
                       help="whose head scores the target: 'auto' (default: a same-class partner's head when the bank "
                            "has one, e.g. emoji_google's for emoji_twitter, a head that never saw a target label), "
                            "'own' (the target's head, fitted on its full training split), or a task name")
-    demo.add_argument("--epochs", type=int, default=10, help="coefficient-training epochs (default: %(default)s)")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="results directory (default: %(default)s)")
+    demo.add_argument("--epochs", type=int, default=None,
+                      help="coefficient-training epochs (default: 10; 6 with --suite text)")
+    demo.add_argument("--out", type=Path, default=DEMO_OUT,
+                      help="results directory (default: %(default)s; runs/demo-text with --suite text)")
     demo.set_defaults(run=_demo)
 
     _add_hf_commands(commands)
@@ -372,24 +378,37 @@ def _add_hf_commands(commands) -> None:
     convert.set_defaults(run=_convert)
 
 
+DEMO_OUT = Path("runs/demo")
+
 # Each recipe module exposes register_cli(subparsers) adding `taskvec run <name>`.
 RECIPES = ("addition", "negation", "fewshot", "tta", "variational")
 
 
 def _demo(args: argparse.Namespace) -> int:
     from taskvec.recipes.common import CoefficientSchedule
-    from taskvec.recipes.demo import DemoConfig, run_demo
 
-    result = run_demo(
-        DemoConfig(
-            target=args.target,
-            shots=args.shots,
-            seed=args.seed,
-            head_from=args.head_from,
-            schedule=CoefficientSchedule(epochs=args.epochs),
-            out=args.out,
+    if args.suite == "text":
+        from taskvec.recipes.suite_demo import SuiteDemoConfig, run_suite_demo
+        from taskvec.suites.text import TextSuite
+
+        config = SuiteDemoConfig(shots=args.shots, seed=args.seed)
+        config.target = args.target or config.target
+        config.schedule.epochs = args.epochs or config.schedule.epochs
+        config.out = args.out if args.out != DEMO_OUT else Path("runs/demo-text")
+        result = run_suite_demo(TextSuite(), config)
+    else:
+        from taskvec.recipes.demo import DemoConfig, run_demo
+
+        result = run_demo(
+            DemoConfig(
+                target=args.target or "emoji_twitter",
+                shots=args.shots,
+                seed=args.seed,
+                head_from=args.head_from,
+                schedule=CoefficientSchedule(epochs=args.epochs or 10),
+                out=args.out,
+            )
         )
-    )
     print(result["table"])
     print(f"\nresults: {result['files']['json']}\ntable:   {result['files']['markdown']}")
     print(f"heatmap: {result['files']['heatmap']}\ntotal {result['seconds']:.0f} s")

@@ -76,7 +76,9 @@ def minilm_path(download: bool = True) -> Path:
 def pack(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """(B, L) ids + (B, L) mask -> one (B, 2, L) int64 tensor, what text batches carry as ``x``."""
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
-        raise ValueError(f"pack: ids {tuple(input_ids.shape)} and mask {tuple(attention_mask.shape)} must be equal (B, L)")
+        raise ValueError(
+            f"pack: ids {tuple(input_ids.shape)} and mask {tuple(attention_mask.shape)} must be equal (B, L)"
+        )
     return torch.stack([input_ids.long(), attention_mask.long()], dim=1)
 
 
@@ -213,7 +215,9 @@ class TextSuite:
             raise ValueError(f"unknown text augmentation {augmentation!r}; choose from {sorted(AUGMENTATIONS)} or None")
         if len(split) == 0:
             raise ValueError("text loader: the split is empty")
-        fixed = None if augmentation else TokenizedTexts(split.texts, split.labels, self.tokenizer, self.config.resolution)
+        fixed = None
+        if augmentation is None:
+            fixed = TokenizedTexts(split.texts, split.labels, self.tokenizer, self.config.resolution)
 
         def make(generator: torch.Generator):
             order = torch.cat([torch.randperm(len(split), generator=generator)
@@ -267,7 +271,8 @@ class TextSuite:
         """Accuracy and balanced accuracy (imbalanced tasks: majority class up to 39 %)."""
         predicted = self.logits(model, head, split).argmax(-1)
         labels = split.labels.cpu()
-        return {"acc": float((predicted == labels).float().mean()), "balanced_acc": balanced_accuracy(predicted, labels)}
+        accuracy = float((predicted == labels).float().mean())
+        return {"acc": accuracy, "balanced_acc": balanced_accuracy(predicted, labels)}
 
     def zero_shot_head(self, task: TextTask, base: nn.Module) -> LinearHead:
         """Class names x (the task's template + the generic one) through the frozen ``base``; no label read."""
