@@ -21,7 +21,7 @@ from taskvec.data.text import GENERIC_TEMPLATE, TextSet, TextTask  # noqa: E402
 from taskvec.models.hf import load_zero_shot_head  # noqa: E402
 from taskvec.suites import Suite  # noqa: E402
 from taskvec.suites import text as text_suite  # noqa: E402
-from taskvec.suites.text import TextBankConfig, TextSuite, pack  # noqa: E402,F401
+from taskvec.suites.text import TextBankConfig, TextSuite, pack  # noqa: E402
 
 CLASSES = {
     "alpha": ["sport", "film", "market"],
@@ -192,3 +192,26 @@ def test_suite_flag_reaches_bank_and_demo_through_the_cli(tiny, tmp_path, monkey
     assert result["config"]["suite"]["suite"] == "text" and result["bank"]["sources"] == ["alpha", "beta"]
     assert (out / "demo_coefficients.png").is_file()
     assert made[-1].bank.has("alpha") and not made[-1].bank.has("gamma")  # the target stays out of the bank
+
+
+def test_addition_recipe_runs_on_the_text_suite(tiny, tmp_path, monkeypatch):
+    from taskvec.merging import task_arithmetic
+    from taskvec.recipes.addition import AdditionConfig, run_addition
+
+    monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
+    suite = make_suite(tiny, tmp_path / "bank", tasks=("alpha", "beta"))
+    config = AdditionConfig(methods=("pretrained", "task_arithmetic", "ties", "adamerging", "atlas", "atlas_lin"),
+                            select_per_task=2, fit_per_task=3, epochs=1, adamerging_steps=2, batch_per_task=2,
+                            out=tmp_path / "addition", progress=False)
+    result = run_addition(config, suite=suite)
+    rows = {row["key"]: row for row in result["rows"]}
+    assert set(rows) == set(config.methods)
+    for task in ("alpha", "beta"):  # the pre-trained row is the bank's zero-shot accuracy
+        assert rows["pretrained"]["test_acc"][task] == pytest.approx(suite.bank.meta(task)["head_test_acc"])
+    # Task arithmetic's test row, recomputed by hand: base + alpha * (tau_alpha + tau_beta), each zero-shot head.
+    alpha = rows["task_arithmetic"]["alpha"]
+    merged = task_arithmetic(suite.vectors(["alpha", "beta"]), 1.0).apply_to(suite.backbone(), alpha)
+    for task in ("alpha", "beta"):
+        expected = suite.accuracy(merged, suite.head(task), fake_task(task).test)
+        assert rows["task_arithmetic"]["test_acc"][task] == pytest.approx(expected)
+    assert suite.linearized().bank.has("alpha")  # the linearised text bank was built beside the standard one

@@ -94,10 +94,14 @@ class TextBackbone(HFTextEncoder):
 
 
 def load_backbone(path: Path | str, *, pretrained: bool = True, seed: int = 0,
-                  max_length: int = DEFAULT_MAX_LENGTH) -> TextBackbone:
-    """A fresh encoder from a model directory, eval mode (dropout off)."""
+                  max_length: int = DEFAULT_MAX_LENGTH, eager: bool = False) -> TextBackbone:
+    """A fresh encoder from a model directory, eval mode (dropout off). ``eager`` attention for
+    linearised models: torch's fused CPU attention has no forward-mode derivative (jvp)."""
     encoder = load_text_encoder(path, pretrained=pretrained, seed=seed, max_length=max_length)
-    return TextBackbone(encoder.__dict__["_inner"], max_length).eval()
+    inner = encoder.__dict__["_inner"]
+    if eager:
+        inner.set_attn_implementation("eager")
+    return TextBackbone(inner, max_length).eval()
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,16 @@ class TextSuite:
         return {"suite": self.name, "bank": str(self.bank.root), "bank_config": asdict(self.config),
                 "entries": {t: self.bank.meta(t).get("vector_norm") for t in self._tasks if self.bank.has(t)}}
 
+    def linearized(self) -> TextSuite:
+        """The same suite over the linearised bank (vectors fine-tuned in tangent space)."""
+        from dataclasses import replace
+
+        config = replace(self.config, linearized=True)
+        return TextSuite(config=config, root=self.bank.root.parent / config.key(), tasks=self._tasks,
+                         progress=self.progress,
+                         model_path=self._model_path, tokenizer=self._tokenizer, task_loader=self.task_loader,
+                         eval_batch_size=self.eval_batch_size)
+
     @property
     def model_path(self) -> Path:
         if self._model_path is None:
@@ -185,7 +199,7 @@ class TextSuite:
 
     def backbone(self) -> nn.Module:
         return load_backbone(self.model_path, pretrained=self.config.pretrained, seed=self.config.seed,
-                             max_length=self.config.resolution)
+                             max_length=self.config.resolution, eager=self.config.linearized)
 
     def vectors(self, tasks: Sequence[str]) -> list[TaskVector]:
         return self.bank.vectors(tasks)
