@@ -215,3 +215,22 @@ def test_addition_recipe_runs_on_the_text_suite(tiny, tmp_path, monkeypatch):
         expected = suite.accuracy(merged, suite.head(task), fake_task(task).test)
         assert rows["task_arithmetic"]["test_acc"][task] == pytest.approx(expected)
     assert suite.linearized().bank.has("alpha")  # the linearised text bank was built beside the standard one
+
+
+def test_negation_recipe_runs_on_the_text_suite(tiny, tmp_path, monkeypatch):
+    from taskvec.recipes.negation import NegationConfig, run_negation
+
+    monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
+    suite = make_suite(tiny, tmp_path / "bank", tasks=("alpha", "beta"))
+    config = NegationConfig(targets=("alpha",), control="beta", fallback_control="alpha",
+                            methods=("pretrained", "task_arithmetic", "atlas"), select_per_task=2, fit_per_task=3,
+                            epochs=1, batch_size=2, out=tmp_path / "negation", progress=False)
+    result = run_negation(config, suite=suite)
+    rows = {row["key"]: row for row in result["rows"]}
+    assert set(rows) == {"pretrained", "task_arithmetic", "atlas"}
+    assert rows["pretrained"]["target_test"] == pytest.approx(suite.bank.meta("alpha")["head_test_acc"])
+    alpha = rows["task_arithmetic"]["alpha"]
+    negated = suite.vectors(["alpha"])[0].apply_to(suite.backbone(), alpha)
+    expected = suite.accuracy(negated, suite.head("beta"), fake_task("beta").test)  # independent recomputation
+    assert rows["task_arithmetic"]["control_test"] == pytest.approx(expected)
+    assert suite.bank.loader("alpha", seed=0).classes == CLASSES["alpha"]  # the bank reads the suite's tasks

@@ -72,9 +72,12 @@ class Bank:
     ) -> None:
         self.config = config or BankConfig()
         self.root = Path(root) if root is not None else cache_dir() / "banks" / self.config.key()
-        self.loader = loader  # (name, seed=...) -> Task; tests pass small in-memory tasks
-        # How an entry is made: images + fitted linear heads by default; a suite (text) brings its own.
+        # How an entry is made: images + fitted linear heads by default; a suite (text) brings its own,
+        # and then ``loader`` reads the suite's tasks.
         self.entries: EntryMaker = entries or _ImageEntries(self.config, loader)
+        if entries is not None and loader is load_task:
+            loader = _suite_loader(entries)
+        self.loader = loader  # (name, seed=...) -> Task; tests pass small in-memory tasks
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -229,6 +232,13 @@ class EntryMaker(Protocol):
     def selection_split(self, task: Any) -> Any: ...
 
     def scores(self, model: nn.Module, head: nn.Module, split: Any) -> dict[str, float]: ...
+
+
+def _suite_loader(entries: EntryMaker) -> Callable[..., Any]:
+    def load(name: str, seed: int = 0) -> Any:
+        return entries.load(name, seed)
+
+    return load
 
 
 class _ImageEntries:
