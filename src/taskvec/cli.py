@@ -99,23 +99,69 @@ def _bank_config(args: argparse.Namespace):
     )
 
 
+def _text_suite(args: argparse.Namespace, *, linearized: bool | None = None):
+    """The text suite for `--suite text`: its own config (MiniLM, step budget); --seed/--linearized/--lr apply."""
+    from taskvec.suites.text import TEXT_TASKS_DEFAULT, TextBankConfig, TextSuite
+
+    lin = args.linearized if linearized is None else linearized
+    config = TextBankConfig(seed=args.seed, linearized=lin, lr=args.lr)
+    root = args.root if linearized is None else None
+    return TextSuite(config=config, root=root, tasks=args.tasks or TEXT_TASKS_DEFAULT, progress=True)
+
+
+def _text_rows(args: argparse.Namespace) -> list[dict]:
+    """Per task: zero-shot and fine-tuned test accuracy (+ balanced), and linearised when that bank exists."""
+    suite = _text_suite(args)
+    rows = suite.bank.table()
+    if not args.linearized and args.root is None:
+        linear = _text_suite(args, linearized=True).bank
+        for row in rows:
+            if linear.has(row["task"]):
+                row["linearized_test_acc"] = linear.meta(row["task"])["finetuned_test_acc"]
+    return rows
+
+
 def _bank_build(args: argparse.Namespace) -> int:
     from taskvec.bank import Bank
 
+    if args.suite == "text":
+        suite = _text_suite(args)
+        suite.bank.build(args.tasks or suite.tasks, force=args.force)
+        print(f"bank: {suite.bank.root}")
+        _print_table(_text_rows(args))
+        return 0
     bank = Bank(_bank_config(args), root=args.root)
-    bank.build(args.tasks, force=args.force)
+    bank.build(args.tasks or list(_vision_tasks()), force=args.force)
     print(f"bank: {bank.root}")
     _print_table(bank.table())
     return 0
 
 
+def _vision_tasks():
+    from taskvec.bank import DEFAULT_TASKS
+
+    return DEFAULT_TASKS
+
+
 def _bank_list(args: argparse.Namespace) -> int:
     from taskvec.bank import Bank
 
-    bank = Bank(_bank_config(args), root=args.root)
-    print(f"bank: {bank.root}")
-    _print_table(bank.table())
-    for task, problem in bank.incomplete().items():
+    if args.suite == "text":
+        rows = _text_rows(args)
+        root = _text_suite(args).bank.root
+        incomplete: dict[str, str] = {}
+    else:
+        bank = Bank(_bank_config(args), root=args.root)
+        rows, root = bank.table(), bank.root
+        incomplete = bank.incomplete()
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"bank: {root}")
+    _print_table(rows)
+    for task, problem in incomplete.items():
         print(f"incomplete: {task}: {problem}")
     return 0
 
@@ -132,7 +178,12 @@ def _add_bank_options(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=defaults.seed, help="splits and training seed (default: %(default)s)")
     add("--linearized", action="store_true", help="fine-tune in tangent space (linearised task vectors)")
     add("--root", type=Path, default=None, help="bank directory (default: under $TASKVEC_CACHE/banks)")
-    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="tasks (default: all six)")
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help=f"tasks (default: the suite's: {', '.join(DEFAULT_TASKS)} for vision, "
+                             "seven zero-shot text tasks for text)")
+    parser.add_argument("--suite", choices=("vision", "text"), default="vision",
+                        help="vision (MobileNetV2, probe heads) or text (MiniLM, zero-shot heads); text ignores "
+                             "--backbone/--resolution/--epochs (default: %(default)s)")
 
 
 # -- bench -----------------------------------------------------------------------------------
@@ -197,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(run=_bank_build)
     listing = bank.add_parser("list", help="show the bank's entries and their accuracies")
     _add_bank_options(listing)
+    listing.add_argument("--json", action="store_true", help="print the rows as a JSON list (one object per task)")
     listing.set_defaults(run=_bank_list)
 
     bench = commands.add_parser("bench", help="benchmarks that print tables").add_subparsers(
@@ -224,15 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="the main job: few-shot aTLAS on a task held out of the bank, against the baselines"
     )
-    demo.add_argument("--target", default="emoji_twitter", help="held-out target task (default: %(default)s)")
+    demo.add_argument("--suite", choices=("vision", "text"), default="vision",
+                      help="vision (MobileNetV2 bank) or text (MiniLM bank, zero-shot heads) (default: %(default)s)")
+    demo.add_argument("--target", default=None,
+                      help="held-out target task (default: emoji_twitter; wordnet_noun with --suite text)")
     demo.add_argument("--shots", type=int, default=16, help="labelled images per class (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="few-shot sampling and training seed")
     demo.add_argument("--head-from", default="auto", metavar="TASK",
                       help="whose head scores the target: 'auto' (default: a same-class partner's head when the bank "
                            "has one, e.g. emoji_google's for emoji_twitter, a head that never saw a target label), "
                            "'own' (the target's head, fitted on its full training split), or a task name")
-    demo.add_argument("--epochs", type=int, default=10, help="coefficient-training epochs (default: %(default)s)")
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="results directory (default: %(default)s)")
+    demo.add_argument("--epochs", type=int, default=None,
+                      help="coefficient-training epochs (default: 10; 6 with --suite text)")
+    demo.add_argument("--out", type=Path, default=DEMO_OUT,
+                      help="results directory (default: %(default)s; runs/demo-text with --suite text)")
     demo.add_argument("--force", action="store_true", help="replace results already in --out")
     demo.set_defaults(run=_demo)
 
@@ -396,24 +453,39 @@ def _add_hf_commands(commands) -> None:
     convert.set_defaults(run=_convert)
 
 
+DEMO_OUT = Path("runs/demo")
+
 # Each recipe module exposes register_cli(subparsers) adding `taskvec run <name>`.
 RECIPES = ("addition", "negation", "fewshot", "tta", "variational")
 
 
 def _demo(args: argparse.Namespace) -> int:
     from taskvec.recipes.common import CoefficientSchedule
-    from taskvec.recipes.demo import DemoConfig, run_demo
 
-    result = run_demo(
-        DemoConfig(
-            target=args.target,
-            shots=args.shots,
-            seed=args.seed,
-            head_from=args.head_from,
-            schedule=CoefficientSchedule(epochs=args.epochs),
-            out=args.out,
+    if args.suite == "text":
+        from taskvec.recipes.suite_demo import SuiteDemoConfig, run_suite_demo
+        from taskvec.suites.text import TextSuite
+
+        config = SuiteDemoConfig(shots=args.shots, seed=args.seed)
+        config.target = args.target or config.target
+        config.schedule.epochs = args.epochs or config.schedule.epochs
+        from taskvec.validate import demo_out
+
+        config.out = demo_out(args)
+        result = run_suite_demo(TextSuite(), config)
+    else:
+        from taskvec.recipes.demo import DemoConfig, run_demo
+
+        result = run_demo(
+            DemoConfig(
+                target=args.target or "emoji_twitter",
+                shots=args.shots,
+                seed=args.seed,
+                head_from=args.head_from,
+                schedule=CoefficientSchedule(epochs=args.epochs or 10),
+                out=args.out,
+            )
         )
-    )
     print(result["table"])
     print(f"\nresults: {result['files']['json']}\ntable:   {result['files']['markdown']}")
     print(f"heatmap: {result['files']['heatmap']}\ntotal {result['seconds']:.0f} s")

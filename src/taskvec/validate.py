@@ -36,10 +36,23 @@ def _known(name: str, values: Iterable[str], known: Iterable[str], extra: Iterab
             raise UsageError(f"{name} {value!r} is not one of: {', '.join(allowed)}")
 
 
-def _tasks() -> list[str]:
+def _tasks(suite: str = "vision") -> list[str]:
+    """Task names a command may name: the image tasks, or with ``--suite text`` the text tasks."""
+    if suite == "text":
+        from taskvec.data.text import available_text_tasks
+
+        return list(available_text_tasks())
     from taskvec.data import available_tasks
 
     return list(available_tasks())
+
+
+def demo_out(args: argparse.Namespace) -> Path:
+    """Where the demo writes: ``--out``, whose default becomes ``runs/demo-text`` with ``--suite text``."""
+    out = Path(args.out)
+    if getattr(args, "suite", "vision") == "text" and out == Path("runs/demo"):
+        return Path("runs/demo-text")
+    return out
 
 
 def _input_file(name: str, path: str | Path) -> Path:
@@ -112,7 +125,7 @@ def bank(args: argparse.Namespace) -> None:
     from taskvec.models import available_backbones
 
     _known("--backbone", [args.backbone], available_backbones())
-    _known("--tasks", args.tasks, _tasks())
+    _known("--tasks", args.tasks or [], _tasks(getattr(args, "suite", "vision")))
     _positive("--resolution", args.resolution)
     _positive("--epochs", args.epochs)
     _positive("--lr", args.lr)
@@ -134,13 +147,16 @@ def bench_step(args: argparse.Namespace) -> None:
 
 
 def demo(args: argparse.Namespace) -> None:
-    tasks = _tasks()
-    _known("--target", [args.target], tasks)
-    _known("--head-from", [args.head_from], tasks, extra=("auto", "own"))
+    suite = getattr(args, "suite", "vision")
+    tasks = _tasks(suite)
+    if args.target is not None:
+        _known("--target", [args.target], tasks)
+    if suite == "vision":
+        _known("--head-from", [args.head_from], tasks, extra=("auto", "own"))
     _positive("--shots", args.shots)
     _positive("--epochs", args.epochs)
     _positive("--seed", args.seed, allow_zero=True)
-    out = writable_dir("--out", args.out)
+    out = writable_dir("--out", demo_out(args))
     existing = [name for name in ("demo.json", "demo.md", "demo_coefficients.safetensors") if (out / name).exists()]
     if existing and not args.force:
         raise UsageError(f"--out {out}: already holds {', '.join(existing)}; pass --force to replace them")
@@ -148,7 +164,7 @@ def demo(args: argparse.Namespace) -> None:
 
 def recipe(args: argparse.Namespace) -> None:
     """``taskvec run <recipe>``: the options recipes share, checked by name (each recipe checks the rest)."""
-    tasks = _tasks()
+    tasks = _tasks(getattr(args, "suite", "vision"))
     for name in ("tasks", "targets"):
         values = getattr(args, name, None)
         if values:

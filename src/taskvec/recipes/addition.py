@@ -37,12 +37,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from taskvec.adamerging import AdaMergingConfig, adamerge
 from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
-from taskvec.batching import mixed_loader
 from taskvec.compose import Composer
 from taskvec.evaluate import accuracy
 from taskvec.experiment import RecordStore, fingerprint, history, plot_bars
@@ -108,8 +108,8 @@ class AdditionConfig:
 
 def _adamerging(ctx: MultiTaskData, config: AdditionConfig, checkpoint: Path) -> tuple[Composer, dict]:
     # Unlabelled test inputs, as AdaMerging does: the loader drops the labels.
-    loader = mixed_loader([ctx.test[t] for t in ctx.tasks], config.adamerging_batch_per_task, ctx.resolution,
-                          ctx.norm, steps=config.adamerging_steps, labels=False)
+    loader = ctx.mixed([ctx.test[t] for t in ctx.tasks], config.adamerging_batch_per_task,
+                       steps=config.adamerging_steps, labels=False)
     settings = AdaMergingConfig(granularity="layer", steps=config.adamerging_steps, lr=config.adamerging_lr,
                                 init=config.adamerging_init, clamp=config.adamerging_clamp, seed=config.seed,
                                 progress=config.progress)
@@ -154,8 +154,9 @@ def run_addition(
     *,
     bank: Bank | None = None,
     linear_bank: Bank | None = None,
-    tasks: Sequence[str] = DEFAULT_TASKS,
-    evaluator: Evaluator = accuracy,
+    tasks: Sequence[str] | None = None,
+    evaluator: Evaluator | None = None,
+    suite: Any = None,
 ) -> dict:
     """Merge the bank by every method; returns the payload written to ``<out>/addition.json``.
 
@@ -164,9 +165,15 @@ def run_addition(
     settings (built if missing, when ``atlas_lin`` is asked for).
     """
     config = config or AdditionConfig()
-    tasks = tuple(tasks)
+    tasks = tuple(tasks or (suite.tasks if suite is not None else DEFAULT_TASKS))
     _check(config, tasks)
     started = time.perf_counter()
+    linear_suite = None
+    if suite is not None:  # the suite's own bank(s); its batches and scores (text: tokens, zero-shot heads)
+        bank = suite.bank
+        if any(m in LINEARISED for m in config.methods):
+            linear_suite = suite.linearized()
+            linear_bank = linear_suite.bank
     bank = bank or Bank(config.bank)
     bank.build(tasks, progress=config.progress)
     banks = [bank]
@@ -181,8 +188,14 @@ def run_addition(
     settings = {k: v for k, v in asdict(config).items() if k not in ("methods", "out", "resume", "progress")}
     identity = {**settings, "tasks": tasks, "banks": bank_identity(banks, tasks)}
     records = RecordStore(out / "addition_records.jsonl", fingerprint(identity), config.resume)
-    ctx = MultiTaskData(bank, tasks, config, evaluator)
-    lin_ctx = MultiTaskData(linear_bank, tasks, config, evaluator) if len(banks) > 1 else None
+    if suite is not None:
+        from taskvec.recipes.suite_data import SuiteMultiTaskData
+
+        ctx = SuiteMultiTaskData(suite, tasks, config, evaluator)
+        lin_ctx = SuiteMultiTaskData(linear_suite, tasks, config, evaluator) if linear_suite is not None else None
+    else:
+        ctx = MultiTaskData(bank, tasks, config, evaluator or accuracy)
+        lin_ctx = MultiTaskData(linear_bank, tasks, config, evaluator or accuracy) if len(banks) > 1 else None
     composers: dict[str, Composer] = {}
 
     bar = tqdm(config.methods, desc="task addition", disable=not config.progress)
@@ -327,7 +340,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "Choices are made on held-out validation images; test splits are only reported.",
     )
     add = parser.add_argument
-    add("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="bank tasks to merge (default: all six)")
+    add("--tasks", nargs="+", default=None, help="bank tasks to merge (default: all of the suite's)")
+    add("--suite", choices=("vision", "text"), default="vision",
+        help="vision (MobileNetV2 bank) or text (MiniLM bank, zero-shot heads) (default: %(default)s)")
     add("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
         help=f"among {', '.join(METHODS)} (default: all)")
     add("--seed", type=int, default=d.seed, help="validation split and training seed (default: %(default)s)")
@@ -355,7 +370,13 @@ def _cli(args: argparse.Namespace) -> int:
     )
     bank = Bank(config.bank, root=args.bank_root) if args.bank_root else None
     linear = Bank(replace(config.bank, linearized=True), root=args.linear_bank_root) if args.linear_bank_root else None
-    result = run_addition(config, bank=bank, linear_bank=linear, tasks=tuple(args.tasks))
+    suite = None
+    if args.suite == "text":
+        from taskvec.suites.text import TextSuite
+
+        suite = TextSuite(root=args.bank_root, progress=not args.quiet)
+        bank = linear = None
+    result = run_addition(config, bank=bank, linear_bank=linear, tasks=args.tasks, suite=suite)
     print(result["table"])
     print("\n" + "\n".join(f"{k}: {v}" for k, v in result["files"].items()))
     print(f"total {result['seconds']:.0f} s")

@@ -20,7 +20,7 @@ from taskvec.data import ImageSet
 from taskvec.evaluate import accuracy, features, score, selection_metric
 from taskvec.merging import DEFAULT_ALPHA_GRID, alpha_search, task_arithmetic
 from taskvec.objectives import cross_entropy, multitask_cross_entropy
-from taskvec.train import TrainConfig, TrainResult, fit
+from taskvec.train import Loader, TrainConfig, TrainResult, fit
 from taskvec.vectors import TaskVector
 
 DEFAULT_RESULTS = Path("runs")
@@ -244,13 +244,18 @@ class MultiTaskData:
     def vectors(self):
         return self.bank.vectors(self.tasks)
 
+    def mixed(self, parts: Sequence[ImageSet], batch_sizes: int | Sequence[int], *, steps: int | None = None,
+              augmentation: str | None = None, labels: bool = True) -> Loader:
+        """Multi-task batches ``[(x, y), ...]`` over ``parts`` (a suite's subclass batches its own inputs)."""
+        return mixed_loader(parts, batch_sizes, self.resolution, self.norm, steps=steps, augmentation=augmentation,
+                            labels=labels)
+
 
 def train_multitask(
     composer: nn.Module, ctx: MultiTaskData, config: MultiTaskSettings, label: str, checkpoint: Path
 ) -> TrainResult:
     """Sum of per-task cross-entropies, every batch mixing all tasks; epoch chosen on the selection parts."""
-    loader = mixed_loader([ctx.fit[t] for t in ctx.tasks], config.batch_per_task, ctx.resolution, ctx.norm,
-                          augmentation=config.augmentation)
+    loader = ctx.mixed([ctx.fit[t] for t in ctx.tasks], config.batch_per_task, augmentation=config.augmentation)
     trained = fit(
         composer,
         multitask_cross_entropy({t: ctx.heads[t] for t in ctx.tasks}),

@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -59,6 +60,7 @@ METHODS: dict[str, str] = {
 LINEARISED = ("task_arithmetic_lin", "atlas_lin")
 DEFAULT_CONTROL = "fashion_mnist"
 FALLBACK_CONTROL = "mnist"
+TEXT_CONTROL, TEXT_FALLBACK_CONTROL = "bbc_news", "wordnet_noun"  # the text suite's (`--suite text`)
 
 
 def default_control(target: str, control: str = DEFAULT_CONTROL, fallback: str = FALLBACK_CONTROL) -> str:
@@ -118,9 +120,14 @@ class _Job:
     """A (target, control) pair in one bank, with its selection rule."""
 
     def __init__(self, bank: Bank, target: str, control: str, config: NegationConfig,
-                 evaluator: Evaluator = accuracy) -> None:
-        self.bank, self.config, self.evaluator = bank, config, evaluator
-        self.base, self.norm, self.resolution = bank_and_norm(bank)
+                 evaluator: Evaluator | None = None, suite: Any = None) -> None:
+        self.bank, self.config, self.suite = bank, config, suite
+        if suite is not None:  # a suite batches and scores its own inputs (text: tokens)
+            self.base, self.norm, self.resolution = suite.backbone(), {}, int(bank.config.resolution)
+            self.evaluator = evaluator or (lambda model, head, split, *_, **__: suite.accuracy(model, head, split))
+        else:
+            self.base, self.norm, self.resolution = bank_and_norm(bank)
+            self.evaluator = evaluator or accuracy
         self.target, self.control = _Side(bank, target, config), _Side(bank, control, config)
         self.reference = self._acc(self.base, self.control, "select")  # pre-trained control accuracy (val)
         self.trace: list[dict] = []
@@ -167,8 +174,15 @@ def _negated_task_arithmetic(job: _Job, linearized: bool) -> tuple[nn.Module, di
 def _atlas(job: _Job, linearized: bool, checkpoint: Path) -> tuple[Composer, dict]:
     config = job.config
     composer = Composer(job.base, [job.vector()], "block", init=0.0, linearized=linearized)
-    loader = mixed_loader([job.target.fit, job.control.fit], config.batch_size, job.resolution, job.norm,
-                          steps=-(-len(job.target.fit) // config.batch_size), augmentation=config.augmentation)
+    steps = -(-len(job.target.fit) // config.batch_size)
+    if job.suite is not None:
+        from taskvec.recipes.suite_data import suite_mixed_loader
+
+        loader = suite_mixed_loader(job.suite, [job.target.fit, job.control.fit], config.batch_size, steps=steps,
+                                    augmentation=config.augmentation)
+    else:
+        loader = mixed_loader([job.target.fit, job.control.fit], config.batch_size, job.resolution, job.norm,
+                              steps=steps, augmentation=config.augmentation)
     result = fit(
         composer,
         negation(job.target.head, job.control.head, bound=config.bound),  # type: ignore[arg-type]
@@ -215,16 +229,24 @@ def run_negation(
     *,
     bank: Bank | None = None,
     linear_bank: Bank | None = None,
-    tasks: Sequence[str] = DEFAULT_TASKS,
-    evaluator: Evaluator = accuracy,
+    tasks: Sequence[str] | None = None,
+    evaluator: Evaluator | None = None,
+    suite: Any = None,
 ) -> dict:
     """Negate every target by every method; returns the payload written to ``<out>/negation.json``.
 
-    ``evaluator`` computes every accuracy (selection and report): tests inject spies through it."""
+    ``evaluator`` computes every accuracy (selection and report): tests inject spies through it.
+    ``suite`` (e.g. the text suite) brings its bank(s), batches and scores."""
     config = config or NegationConfig()
-    tasks = tuple(tasks)
+    tasks = tuple(tasks or (suite.tasks if suite is not None else DEFAULT_TASKS))
     _check(config, tasks)
     started = time.perf_counter()
+    suites = {False: suite, True: None}
+    if suite is not None:
+        bank = suite.bank
+        if any(m in LINEARISED for m in config.methods):
+            suites[True] = suite.linearized()
+            linear_bank = suites[True].bank
     bank = bank or Bank(config.bank)
     needed = sorted(set(config.targets) | {default_control(t, config.control, config.fallback_control)
                                            for t in config.targets}, key=tasks.index)
@@ -257,7 +279,7 @@ def run_negation(
             linearized = method in LINEARISED
             use = banks[1] if linearized else bank
             if linearized not in jobs:
-                jobs[linearized] = _Job(use, target, control, config, evaluator)
+                jobs[linearized] = _Job(use, target, control, config, evaluator, suites[linearized])
             job = jobs[linearized]
             tic = time.perf_counter()
             job.trace = []
@@ -377,7 +399,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         f"held-out validation images. Control: {DEFAULT_CONTROL}, or {FALLBACK_CONTROL} for {DEFAULT_CONTROL}.",
     )
     add = parser.add_argument
-    add("--targets", nargs="+", default=list(DEFAULT_TASKS), help="target tasks (default: all six)")
+    add("--targets", nargs="+", default=None, help="target tasks (default: all of the suite's)")
+    add("--suite", choices=("vision", "text"), default="vision",
+        help="vision (MobileNetV2 bank) or text (MiniLM bank, zero-shot heads; control bbc_news, or "
+             "wordnet_noun for bbc_news) (default: %(default)s)")
     add("--control", default=d.control, help="control task (default: %(default)s)")
     add("--fallback-control", default=d.fallback_control, help="control when the target is the control "
         "(default: %(default)s)")
@@ -399,15 +424,24 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
+    suite = None
+    if args.suite == "text":
+        from taskvec.suites.text import TextSuite
+
+        suite = TextSuite(root=args.bank_root, progress=not args.quiet)
+        if args.control == DEFAULT_CONTROL and args.fallback_control == FALLBACK_CONTROL:
+            args.control, args.fallback_control = TEXT_CONTROL, TEXT_FALLBACK_CONTROL
     config = NegationConfig(
-        targets=tuple(args.targets), control=args.control, fallback_control=args.fallback_control,
+        targets=tuple(args.targets or (suite.tasks if suite is not None else DEFAULT_TASKS)),
+        control=args.control, fallback_control=args.fallback_control,
         methods=tuple(args.methods), fraction=args.fraction, seed=args.seed, select_per_task=args.select_per_task,
         fit_per_task=args.fit_per_task, epochs=args.epochs, lr=args.lr, bound=args.bound, out=args.out,
         resume=not args.no_resume, progress=not args.quiet,
     )
-    bank = Bank(config.bank, root=args.bank_root) if args.bank_root else None
-    linear = Bank(replace(config.bank, linearized=True), root=args.linear_bank_root) if args.linear_bank_root else None
-    result = run_negation(config, bank=bank, linear_bank=linear)
+    bank = Bank(config.bank, root=args.bank_root) if args.bank_root and suite is None else None
+    linear = (Bank(replace(config.bank, linearized=True), root=args.linear_bank_root)
+              if args.linear_bank_root and suite is None else None)
+    result = run_negation(config, bank=bank, linear_bank=linear, suite=suite)
     print(result["table"])
     print("\n" + "\n".join(f"{k}: {v}" for k, v in result["files"].items()))
     print(f"total {result['seconds']:.0f} s")
