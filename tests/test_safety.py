@@ -349,7 +349,7 @@ def test_vector_info_on_lora_and_malformed_metadata(tmp_path, capsys):
     assert f"norm: {dense_norm:.6g}" in out and "dtype=torch.float32" in out
     with safe_open(str(path), "pt") as handle:
         meta, tensors = dict(handle.metadata()), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    meta.pop("taskvec_sha256")
+    meta.pop("taskvec_sha256"), meta.pop("taskvec_digest")  # as a file from before digests
     for key, value in (("scales", None), ("shapes", "{not json"), ("shapes", '{"fc.weight": "x"}')):
         edited = dict(meta)
         if value is None:
@@ -461,7 +461,7 @@ def test_malformed_head_metadata_and_records_are_named(tmp_path):
     path = LinearHead(8, 5).save(tmp_path / "head.safetensors")
     with safe_open(str(path), "pt") as handle:
         meta, tensors = dict(handle.metadata()), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    meta.pop("taskvec_sha256")
+    meta.pop("taskvec_sha256"), meta.pop("taskvec_digest")  # as a file from before digests
     del meta["num_classes"]
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match=r"bad.safetensors: metadata lacks the key 'num_classes'"):
@@ -476,3 +476,17 @@ def test_malformed_head_metadata_and_records_are_named(tmp_path):
         again = RecordStore(records, "x")
     assert again.get("kept") == {"acc": 0.5} and again.get("torn") is None
     assert RecordStore(records, "x", resume=False).get("kept") is None
+
+
+def test_a_damaged_digest_key_is_not_taken_for_a_file_from_before_digests(tmp_path):
+    """One flipped bit in the digest key's name must not turn a file into an 'old, unverified' one."""
+    vector = TaskVector({"w": torch.ones(3)}, metadata={"name": "v"})
+    path = vector.save(tmp_path / "v.safetensors")
+    raw = path.read_bytes()
+    at = raw.index(b"taskvec_sha256")
+    for offset in (0, len("taskvec_sha25")):  # first and last character of the key's name
+        damaged = bytearray(raw)
+        damaged[at + offset] ^= 1
+        (tmp_path / "bad.safetensors").write_bytes(bytes(damaged))
+        with pytest.raises(CheckpointError, match=r"bad.safetensors: its digest entries are damaged"):
+            TaskVector.load(tmp_path / "bad.safetensors")

@@ -25,6 +25,7 @@ from torch.func import functional_call, jvp
 from taskvec.granularity import BlockParts, Granularity, Layout
 from taskvec.io import (
     DIGEST_KEY,
+    DIGEST_MARK_KEY,
     CheckpointError,
     PathLike,
     atomic_save_safetensors,
@@ -33,6 +34,7 @@ from taskvec.io import (
     digest_tensor,
     load_state_dict,
     read_safetensors_metadata,
+    recorded_digest,
 )
 from taskvec.quantize import DEFAULT_CHUNK, QuantizedStack, QuantizedTaskVector, quantized_weighted_sum
 from taskvec.vectors import AnyTaskVector, LoraTaskVector, TaskVector, fingerprint, parameter_blocks
@@ -362,7 +364,9 @@ class _MappedVector(TaskVector):
                 digest_tensor(digest, name, tensors[name])  # hashed in place, view by view
                 _check_finite(file, name, tensors[name])
             digest_metadata(digest, metadata)
-            recorded = metadata.pop(DIGEST_KEY, None)
+            recorded = recorded_digest(file, metadata)
+            metadata.pop(DIGEST_KEY, None)
+            metadata.pop(DIGEST_MARK_KEY, None)
             if recorded is not None and digest.hexdigest() != recorded:
                 raise digest_mismatch(file)
             order = json.loads(metadata.pop("order", "[]"))

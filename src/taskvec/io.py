@@ -30,6 +30,11 @@ class CheckpointError(ValueError):
 DIGEST_KEY = "taskvec_sha256"
 """Metadata key of the sha256 over a safetensors file's tensors and other metadata (see :func:`content_digest`)."""
 
+DIGEST_MARK_KEY = "taskvec_digest"
+"""A second key, written with the digest, naming its algorithm. Why two: a file from before digests has
+neither and loads unverified; one flipped bit can damage one key's name but not both, so a file with
+only one of them is refused instead of passing for an old, unverified file."""
+
 
 def content_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
     """sha256 over names, dtypes, shapes and bytes of ``tensors`` and the ``metadata`` pairs.
@@ -70,9 +75,22 @@ def digest_mismatch(path: PathLike) -> CheckpointError:
     )
 
 
+def recorded_digest(path: PathLike, metadata: Mapping[str, str]) -> str | None:
+    """The digest a file recorded; None for a file written before digests (neither key present).
+
+    Raises :class:`CheckpointError` naming ``path`` when only one of the two digest keys is there.
+    """
+    recorded, mark = metadata.get(DIGEST_KEY), metadata.get(DIGEST_MARK_KEY)
+    if recorded is None and mark is None:
+        return None
+    if recorded is None or mark != "sha256":
+        raise CheckpointError(f"{path}: its digest entries are damaged (corrupted or edited); rewrite or rebuild it")
+    return recorded
+
+
 def verify_digest(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Raise :class:`CheckpointError` naming ``path`` when its recorded digest does not match (absent: no check)."""
-    recorded = metadata.get(DIGEST_KEY)
+    recorded = recorded_digest(path, metadata)
     if recorded is not None and content_digest(tensors, metadata) != recorded:
         raise digest_mismatch(path)
 
@@ -176,7 +194,8 @@ def atomic_save_safetensors(
 ) -> Path:
     """Write tensors to ``path`` through a temporary file and a rename, so no reader sees half a file."""
     payload = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-    meta = {str(k): str(v) for k, v in (metadata or {}).items() if k != DIGEST_KEY}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items() if k not in (DIGEST_KEY, DIGEST_MARK_KEY)}
+    meta[DIGEST_MARK_KEY] = "sha256"
     meta[DIGEST_KEY] = content_digest(payload, meta)
     with _atomic_target(path) as tmp:
         save_file(payload, tmp, metadata=meta)
@@ -257,4 +276,5 @@ def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
     meta.pop(DIGEST_KEY, None)
+    meta.pop(DIGEST_MARK_KEY, None)
     return meta
