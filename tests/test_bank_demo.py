@@ -12,9 +12,9 @@ from taskvec.bank import Bank, BankConfig
 from taskvec.compose import Composer
 from taskvec.evaluate import accuracy
 from taskvec.heads import LinearHead
-from taskvec.recipes.common import CoefficientSchedule, few_shot_split
 from taskvec.recipes.demo import DemoConfig, resolve_head, run_demo
 from taskvec.vectors import TaskVector
+from taskvec.workflow import CoefficientSchedule, few_shot_split
 
 TASKS = ("alpha", "beta", "gamma")
 CONFIG = BankConfig(
@@ -109,7 +109,7 @@ def test_few_shot_split_holds_out_selection_shots():
 
 def test_demo_end_to_end(bank, tmp_path, monkeypatch):
     # Record every split that model selection evaluates: it must never be the test split.
-    import taskvec.recipes.common as common
+    import taskvec.workflow as common
 
     target = synthetic.loader("gamma", seed=CONFIG.seed)
     seen = []

@@ -17,7 +17,7 @@ from taskvec.compose import Composer
 from taskvec.data import ImageSet, to_input
 from taskvec.evaluate import accuracy
 from taskvec.recipes.addition import METHODS, AdditionConfig, run_addition
-from taskvec.recipes.common import bank_and_norm
+from taskvec.workflow import bank_and_norm
 
 TASKS = ("alpha", "beta", "gamma")
 CONFIG = BankConfig(backbone="tiny_cnn", resolution=16, epochs=1, lr=3e-3, batch_size=16, pretrained=False)

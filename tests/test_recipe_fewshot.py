@@ -10,13 +10,13 @@ import pytest
 import synthetic
 import torch
 
-import taskvec.recipes.common as common
 import taskvec.recipes.fewshot as fewshot
+import taskvec.workflow as common
 from taskvec.bank import Bank, BankConfig
 from taskvec.data import ImageSet
 from taskvec.experiment import mean_se, summarize
-from taskvec.recipes.common import CoefficientSchedule
 from taskvec.recipes.fewshot import METHODS, FewShotConfig, run_fewshot
+from taskvec.workflow import CoefficientSchedule
 
 TASKS = ("alpha", "beta", "gamma")
 CONFIG = BankConfig(backbone="tiny_cnn", resolution=16, epochs=2, lr=3e-3, batch_size=16, pretrained=False)
@@ -182,7 +182,7 @@ def test_training_and_selection_see_only_the_k_shot_data(bank, tmp_path, monkeyp
         seen.append(("select", split))
         return real_select(logits, split)
 
-    # The few-shot methods live in the recipe; aTLAS and fine-tuning train through recipes.common.
+    # The few-shot methods live in the recipe; aTLAS and fine-tuning train through workflow.
     for module in (fewshot, common):
         monkeypatch.setattr(module, "score", spy_score)
         monkeypatch.setattr(module, "selection_metric", spy_select)

@@ -12,9 +12,9 @@ import torch
 
 from taskvec.bank import Bank, BankConfig
 from taskvec.compose import Composer
-from taskvec.recipes.common import CoefficientSchedule, MultiTaskSetup
 from taskvec.recipes.variational import VariationalRecipeConfig, run_variational
 from taskvec.variational import ELBOLoss, MultitaskELBOLoss, VariationalComposer, VariationalConfig
+from taskvec.workflow import CoefficientSchedule, MultiTaskSetup
 
 TASKS = ("alpha", "beta", "gamma")
 CONFIG = BankConfig(backbone="tiny_cnn", resolution=16, epochs=1, lr=3e-3, batch_size=16, pretrained=False)

@@ -422,8 +422,8 @@ def test_demo_saves_results_before_the_plot(tmp_path, monkeypatch):
 
     import taskvec.recipes.demo
     from taskvec.bank import BankConfig
-    from taskvec.recipes.common import CoefficientSchedule
     from taskvec.recipes.demo import DemoConfig
+    from taskvec.workflow import CoefficientSchedule
 
     config = BankConfig(backbone="tiny_cnn", resolution=16, epochs=1, min_steps=0, lr=3e-3, batch_size=16,
                         pretrained=False)

@@ -460,7 +460,7 @@ RECIPES = ("addition", "negation", "fewshot", "tta", "variational")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from taskvec.recipes.common import CoefficientSchedule
+    from taskvec.workflow import CoefficientSchedule
 
     if args.suite == "text":
         from taskvec.recipes.suite_demo import SuiteDemoConfig, run_suite_demo

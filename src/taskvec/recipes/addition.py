@@ -48,7 +48,8 @@ from taskvec.evaluate import accuracy
 from taskvec.experiment import RecordStore, fingerprint, history, plot_bars
 from taskvec.io import write_json
 from taskvec.merging import alpha_search, ties_merge
-from taskvec.recipes.common import (
+from taskvec.report import markdown_table, plot_coefficients, write_results
+from taskvec.workflow import (
     DEFAULT_RESULTS,
     Evaluator,
     MultiTaskData,
@@ -56,7 +57,6 @@ from taskvec.recipes.common import (
     task_arithmetic_search,
     train_multitask,
 )
-from taskvec.report import markdown_table, plot_coefficients, write_results
 
 METHODS: dict[str, str] = {
     "pretrained": "pre-trained",
@@ -189,7 +189,7 @@ def run_addition(
     identity = {**settings, "tasks": tasks, "banks": bank_identity(banks, tasks)}
     records = RecordStore(out / "addition_records.jsonl", fingerprint(identity), config.resume)
     if suite is not None:
-        from taskvec.recipes.suite_data import SuiteMultiTaskData
+        from taskvec.suites.multitask import SuiteMultiTaskData
 
         ctx = SuiteMultiTaskData(suite, tasks, config, evaluator)
         lin_ctx = SuiteMultiTaskData(linear_suite, tasks, config, evaluator) if linear_suite is not None else None

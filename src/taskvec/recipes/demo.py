@@ -23,7 +23,8 @@ from pathlib import Path
 from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
 from taskvec.compose import Composer
 from taskvec.evaluate import accuracy
-from taskvec.recipes.common import (
+from taskvec.report import markdown_table, plot_coefficients, write_results
+from taskvec.workflow import (
     DEFAULT_RESULTS,
     CoefficientSchedule,
     bank_and_norm,
@@ -34,7 +35,6 @@ from taskvec.recipes.common import (
     scoring_head,
     task_arithmetic_search,
 )
-from taskvec.report import markdown_table, plot_coefficients, write_results
 
 
 @dataclass

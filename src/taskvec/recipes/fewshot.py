@@ -4,7 +4,7 @@ For each target task t the bank is the other tasks' vectors (leave-one-out), and
 comes from the bank (it plays CLIP's zero-shot head). By default that is t's own head, a probe fitted on
 t's whole training split and so stronger than any zero-shot head; ``head_from="auto"`` scores t through
 a same-class partner's head where there is one (Emoji-Twitter <-> Emoji-Google), which never saw a t
-label (:func:`~taskvec.recipes.common.resolve_head`). For each k and seed, ``few_shot_split`` draws k
+label (:func:`~taskvec.workflow.resolve_head`). For each k and seed, ``few_shot_split`` draws k
 labelled images per class from t's validation split (``few_shot_pool``: the head was fitted on the
 training split, so those images are not few-shot data) and holds out a quarter of them (k >= 2) for
 model selection; every method trains on the same training shots and selects on the same selection
@@ -57,7 +57,8 @@ from taskvec.data import ImageSet
 from taskvec.evaluate import features, score, selection_metric
 from taskvec.experiment import RecordStore, fingerprint, json_safe, mean_se, summarize
 from taskvec.heads import LPPlusPlus, TipAdapter, fit_linear_head, tip_adapter_search
-from taskvec.recipes.common import (
+from taskvec.report import markdown_table, plot_lines, write_results
+from taskvec.workflow import (
     DEFAULT_RESULTS,
     CoefficientSchedule,
     bank_and_norm,
@@ -68,7 +69,6 @@ from taskvec.recipes.common import (
     scoring_head,
     train_through_backbone,
 )
-from taskvec.report import markdown_table, plot_lines, write_results
 
 METHODS: dict[str, str] = {
     "pretrained": "pre-trained + bank head",

@@ -46,9 +46,9 @@ from taskvec.experiment import RecordStore, fingerprint, history, plot_bars
 from taskvec.io import write_json
 from taskvec.merging import alpha_search
 from taskvec.objectives import negation
-from taskvec.recipes.common import DEFAULT_RESULTS, Evaluator, bank_and_norm, bank_identity
 from taskvec.report import markdown_table, plot_coefficients, write_results
 from taskvec.train import TrainConfig, fit
+from taskvec.workflow import DEFAULT_RESULTS, Evaluator, bank_and_norm, bank_identity
 
 METHODS: dict[str, str] = {
     "pretrained": "pre-trained",
@@ -176,7 +176,7 @@ def _atlas(job: _Job, linearized: bool, checkpoint: Path) -> tuple[Composer, dic
     composer = Composer(job.base, [job.vector()], "block", init=0.0, linearized=linearized)
     steps = -(-len(job.target.fit) // config.batch_size)
     if job.suite is not None:
-        from taskvec.recipes.suite_data import suite_mixed_loader
+        from taskvec.suites.multitask import suite_mixed_loader
 
         loader = suite_mixed_loader(job.suite, [job.target.fit, job.control.fit], config.batch_size, steps=steps,
                                     augmentation=config.augmentation)

@@ -22,9 +22,9 @@ from torch import nn
 
 from taskvec.compose import Composer
 from taskvec.objectives import cross_entropy
-from taskvec.recipes.common import DEFAULT_RESULTS, CoefficientSchedule, few_shot_split, task_arithmetic_search
 from taskvec.report import markdown_table, plot_coefficients, write_results
 from taskvec.train import TrainConfig, TrainResult, fit
+from taskvec.workflow import DEFAULT_RESULTS, CoefficientSchedule, few_shot_split, task_arithmetic_search
 
 __all__ = ["SuiteDemoConfig", "demo_shots", "run_suite_demo"]
 

@@ -61,9 +61,9 @@ from taskvec.evaluate import score
 from taskvec.experiment import RecordStore, fingerprint, json_safe, mean_se
 from taskvec.norm_tuning import norm_affine_model, norm_sgd
 from taskvec.objectives import default_trusted_k, entropy, sar, simclr, trusted_set, ufm
-from taskvec.recipes.common import DEFAULT_RESULTS, bank_and_norm
 from taskvec.report import markdown_table, write_results
 from taskvec.train import Loader, LossFn, TrainConfig, fit
+from taskvec.workflow import DEFAULT_RESULTS, bank_and_norm
 
 OBJECTIVES: dict[str, str] = {"tent": "Tent", "sar": "SAR", "simclr": "SimCLR", "ufm": "UFM"}
 TUNED: dict[str, str] = {"atlas": "aTLAS (block)", "norm": "BN affine"}

@@ -3,14 +3,14 @@
 Two parts (``--parts``):
 
 - ``addition``: the whole bank merged for every task. aTLAS is trained as the addition recipe's
-  ``atlas`` row (:func:`~taskvec.recipes.common.train_multitask`) and the variational composer is
+  ``atlas`` row (:func:`~taskvec.workflow.train_multitask`) and the variational composer is
   trained on exactly the same validation parts: each task's validation split cut into a fitting part
   and a selection part, the epoch chosen on the selection part, test labels read only for the report.
   The objective is the multi-task ELBO (each task through its own frozen head, as aTLAS's multi-task
   cross-entropy) with a KL warm-up.
 - ``fewshot``: leave-one-out targets, k shots per class from the target's validation split, the
   same :func:`few_shot_split` per (k, seed) for both methods; aTLAS is the few-shot recipe's
-  :func:`~taskvec.recipes.common.learn_atlas`, the variational composer trains on the same shots and
+  :func:`~taskvec.workflow.learn_atlas`, the variational composer trains on the same shots and
   selects on the same held-out shots.
 
 At test time the variational composer uses its deterministic gate. The report gives accuracy, the
@@ -39,7 +39,16 @@ from taskvec.data import ImageSet, to_input
 from taskvec.evaluate import features, score, selection_metric
 from taskvec.experiment import RecordStore, fingerprint, history, json_safe, mean_se
 from taskvec.io import write_json
-from taskvec.recipes.common import (
+from taskvec.report import markdown_table, write_results
+from taskvec.train import TrainConfig, TrainResult, fit
+from taskvec.variational import (
+    ELBOLoss,
+    MultitaskELBOLoss,
+    VariationalComposer,
+    VariationalConfig,
+    plot_kept_fraction,
+)
+from taskvec.workflow import (
     DEFAULT_RESULTS,
     CoefficientSchedule,
     MultiTaskData,
@@ -51,15 +60,6 @@ from taskvec.recipes.common import (
     image_loader,
     learn_atlas,
     train_multitask,
-)
-from taskvec.report import markdown_table, write_results
-from taskvec.train import TrainConfig, TrainResult, fit
-from taskvec.variational import (
-    ELBOLoss,
-    MultitaskELBOLoss,
-    VariationalComposer,
-    VariationalConfig,
-    plot_kept_fraction,
 )
 
 PARTS = ("addition", "fewshot")

@@ -1,4 +1,4 @@
-"""Wiring shared by the recipes: bank access, loaders over image splits, supervised coefficient learning.
+"""Wiring the recipes share (library code, so no recipe imports another): bank access, loaders over image splits, supervised coefficient learning.
 
 Nothing here is new maths: it connects data -> bank -> composer -> objective -> fit -> evaluation.
 """

@@ -1,4 +1,4 @@
-"""Multi-task data over a :class:`taskvec.suites.Suite`: what :class:`~taskvec.recipes.common.MultiTaskData`
+"""Multi-task data over a :class:`taskvec.suites.Suite`: what :class:`~taskvec.workflow.MultiTaskData`
 gives the addition recipe (base, heads, selection / fitting parts of each validation split, fine-tuned
 accuracies), with every batch and score made by the suite, so a recipe runs on text as on images.
 
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from taskvec.batching import split_validation
-from taskvec.recipes.common import Evaluator, MultiTaskData, MultiTaskSettings
 from taskvec.train import Loader
+from taskvec.workflow import Evaluator, MultiTaskData, MultiTaskSettings
 
 __all__ = ["SuiteMultiTaskData", "suite_mixed_loader"]
 
