@@ -1,14 +1,15 @@
-"""Wiring the recipes share (library code, so no recipe imports another): bank access, loaders over image splits, supervised coefficient learning.
+"""Wiring the recipes share (library code, so no recipe imports another): bank access, loaders over
+image splits, supervised coefficient learning.
 
 Nothing here is new maths: it connects data -> bank -> composer -> objective -> fit -> evaluation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -208,6 +209,13 @@ class MultiTaskSetup:
     resume: bool = True
 
 
+def selection_and_fitting_parts(val: Mapping[str, Any], config: MultiTaskSettings) -> tuple[dict, dict]:
+    """Per task, disjoint (selection, fitting) parts of its validation split (:func:`split_validation`)."""
+    parts = {t: split_validation(v, config.select_per_task, config.fit_per_task, config.seed, t)
+             for t, v in val.items()}
+    return {t: p[0] for t, p in parts.items()}, {t: p[1] for t, p in parts.items()}
+
+
 class MultiTaskData:
     """What every multi-task method needs: base, norm, heads, data parts, fine-tuned accuracies of one bank."""
 
@@ -221,10 +229,7 @@ class MultiTaskData:
         self.meta = {t: bank.meta(t) for t in tasks}
         data = {t: bank.loader(t, seed=bank.config.seed) for t in tasks}
         self.test = {t: data[t].test for t in tasks}
-        parts = {t: split_validation(data[t].val, config.select_per_task, config.fit_per_task, config.seed, t)
-                 for t in tasks}
-        self.select = {t: parts[t][0] for t in tasks}
-        self.fit = {t: parts[t][1] for t in tasks}
+        self.select, self.fit = selection_and_fitting_parts({t: data[t].val for t in tasks}, config)
         self.finetuned = {t: float(self.meta[t]["finetuned_test_acc"]) for t in tasks}
 
     def selection_scores(self, model: nn.Module) -> dict[str, float]:

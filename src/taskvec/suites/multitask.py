@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from taskvec.batching import split_validation
 from taskvec.train import Loader
-from taskvec.workflow import Evaluator, MultiTaskData, MultiTaskSettings
+from taskvec.workflow import Evaluator, MultiTaskData, MultiTaskSettings, selection_and_fitting_parts
 
 __all__ = ["SuiteMultiTaskData", "suite_mixed_loader"]
 
@@ -69,10 +68,7 @@ class SuiteMultiTaskData(MultiTaskData):
         self.meta = {t: suite.bank.meta(t) for t in tasks}
         data = {t: suite.splits(t) for t in tasks}
         self.test = {t: data[t].test for t in tasks}
-        parts = {t: split_validation(data[t].val, config.select_per_task, config.fit_per_task, config.seed, t)
-                 for t in tasks}
-        self.select = {t: parts[t][0] for t in tasks}
-        self.fit = {t: parts[t][1] for t in tasks}
+        self.select, self.fit = selection_and_fitting_parts({t: data[t].val for t in tasks}, config)
         self.finetuned = {t: float(self.meta[t]["finetuned_test_acc"]) for t in tasks}
 
     def _suite_accuracy(self, model: nn.Module, head: nn.Module, split: Any, *_: Any, **__: Any) -> float:
