@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from torch import nn
+from torch import Tensor, nn
 
 from taskvec.train import Loader
 from taskvec.vectors import TaskVector
@@ -51,6 +51,18 @@ class Suite(Protocol):
 
     def accuracy(self, model: nn.Module, head: nn.Module, split: Any) -> float:
         """Top-1 accuracy of ``head(model(inputs))`` on a split."""
+        ...
+
+    def logits(self, model: nn.Module, head: nn.Module, split: Any) -> Tensor:
+        """``head(model(inputs))`` for every sample of a split, in order, float32 on the CPU."""
+        ...
+
+    def features(self, model: nn.Module, split: Any) -> Tensor:
+        """``model(inputs)`` for every sample of a split, in order (what probes, Tip-Adapter and LP++ fit)."""
+        ...
+
+    def scores(self, model: nn.Module, head: nn.Module, split: Any) -> dict[str, float]:
+        """``{"acc", "balanced_acc"}`` of ``head(model(inputs))`` on a split (the report's numbers)."""
         ...
 
 

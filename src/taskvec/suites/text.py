@@ -281,6 +281,10 @@ class TextSuite:
             out[index] = values
         return out
 
+    def features(self, model: nn.Module, split: TextSet) -> Tensor:
+        """Pooled sentence embeddings of every text of ``split``, in order."""
+        return self.logits(model, nn.Identity(), split)
+
     def scores(self, model: nn.Module, head: nn.Module, split: TextSet) -> dict[str, float]:
         """Accuracy and balanced accuracy (imbalanced tasks: majority class up to 39 %)."""
         predicted = self.logits(model, head, split).argmax(-1)

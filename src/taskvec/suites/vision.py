@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
 from taskvec.batching import image_loader
 from taskvec.data import ImageSet, augment
-from taskvec.evaluate import accuracy
+from taskvec.evaluate import accuracy, balanced_accuracy, features, logits
 from taskvec.train import Loader
 from taskvec.vectors import TaskVector
 
@@ -80,3 +80,15 @@ class VisionSuite:
 
     def accuracy(self, model: nn.Module, head: nn.Module, split: ImageSet) -> float:
         return accuracy(model, head, split, self._resolution, **self.norm)
+
+    def logits(self, model: nn.Module, head: nn.Module, split: ImageSet) -> Tensor:
+        return logits(model, head, split, self._resolution, **self.norm)
+
+    def features(self, model: nn.Module, split: ImageSet) -> Tensor:
+        return features(model, split, self._resolution, **self.norm)
+
+    def scores(self, model: nn.Module, head: nn.Module, split: ImageSet) -> dict[str, float]:
+        predicted = self.logits(model, head, split).argmax(-1)
+        labels = split.labels.cpu()
+        accuracy_ = float((predicted == labels).float().mean())
+        return {"acc": accuracy_, "balanced_acc": balanced_accuracy(predicted, labels)}
