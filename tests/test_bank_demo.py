@@ -119,7 +119,10 @@ def test_demo_end_to_end(bank, tmp_path, monkeypatch):
         seen.append(split)
         return real_accuracy(model, head, split, *args, **kwargs)
 
+    import taskvec.suites.vision as vision_suite
+
     monkeypatch.setattr(common, "accuracy", spy)
+    monkeypatch.setattr(vision_suite, "accuracy", spy)  # the suite scores the selection shots
     config = DemoConfig(
         target="gamma", shots=4, schedule=CoefficientSchedule(epochs=2, batch_size=8), out=tmp_path, progress=False
     )

@@ -168,7 +168,9 @@ def test_training_and_selection_see_only_the_k_shot_data(bank, tmp_path, monkeyp
     """Every split a method trains on or is scored on before the end is drawn from the target's
     validation split (its head was fitted on the training split) and holds at most k images per class."""
     seen: list[tuple[str, object]] = []
-    real_score, real_loader, real_select = common.score, common.image_loader, common.selection_metric
+    import taskvec.suites.vision as vision_suite
+
+    real_score, real_loader, real_select = common.score, vision_suite.image_loader, common.selection_metric
 
     def spy_score(logits, split):
         seen.append(("score", split))
@@ -182,11 +184,12 @@ def test_training_and_selection_see_only_the_k_shot_data(bank, tmp_path, monkeyp
         seen.append(("select", split))
         return real_select(logits, split)
 
-    # The few-shot methods live in the recipe; aTLAS and fine-tuning train through workflow.
+    # The few-shot methods live in the recipe; aTLAS and fine-tuning train through workflow, whose
+    # batches come from the vision suite's loader.
     for module in (fewshot, common):
         monkeypatch.setattr(module, "score", spy_score)
         monkeypatch.setattr(module, "selection_metric", spy_select)
-    monkeypatch.setattr(common, "image_loader", spy_loader)
+    monkeypatch.setattr(vision_suite, "image_loader", spy_loader)
     run_fewshot(small_config(tmp_path, targets=("gamma",), shots=(4,), seeds=(0,), ood=False), bank=bank, tasks=TASKS)
 
     task = synthetic.loader("gamma", seed=CONFIG.seed)

@@ -9,20 +9,23 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from taskvec.bank import Bank
-from taskvec.batching import image_loader, mixed_loader, split_validation
+from taskvec.batching import image_loader, mixed_loader, split_validation  # noqa: F401 (image_loader re-exported)
 from taskvec.compose import Composer
 from taskvec.data import ImageSet
-from taskvec.evaluate import accuracy, features, score, selection_metric
+from taskvec.evaluate import accuracy, score, selection_metric
 from taskvec.merging import DEFAULT_ALPHA_GRID, alpha_search, task_arithmetic
 from taskvec.objectives import cross_entropy, multitask_cross_entropy
 from taskvec.train import Loader, TrainConfig, TrainResult, fit
 from taskvec.vectors import TaskVector
+
+if TYPE_CHECKING:
+    from taskvec.suites import Suite
 
 DEFAULT_RESULTS = Path("runs")
 # accuracy(model, head, split, resolution, **norm): every score a recipe computes goes through one, so a
@@ -48,25 +51,19 @@ class CoefficientSchedule:
 def learn_supervised(
     composer: nn.Module,
     head: nn.Module,
-    train: ImageSet,
-    val: ImageSet | None,
-    resolution: int,
-    norm: dict,
+    train: Any,
+    val: Any | None,
+    suite: Suite,
     schedule: CoefficientSchedule,
     *,
     description: str = "coefficients",
     checkpoint: Path | None = None,
 ) -> TrainResult:
-    """Cross-entropy through a frozen head; model selection on ``val`` only (never on test data)."""
-    loader = image_loader(
-        train,
-        resolution,
-        batch_size=schedule.batch_size,
-        norm=norm,
-        augmentation=schedule.augmentation,
-        min_steps=schedule.min_steps_per_epoch,
-    )
-    evaluate = None if val is None or len(val) == 0 else (lambda m: accuracy(m, head, val, resolution, **norm))
+    """Cross-entropy through a frozen head; model selection on ``val`` only (never on test data).
+    ``suite`` batches and scores the splits (images or texts)."""
+    loader = suite.loader(train, batch_size=schedule.batch_size, augmentation=schedule.augmentation,
+                          min_steps=schedule.min_steps_per_epoch)
+    evaluate = None if val is None or len(val) == 0 else (lambda m: suite.accuracy(m, head, val))
     return fit(
         composer,
         cross_entropy(head),
@@ -275,16 +272,17 @@ def train_multitask(
 
 
 def train_through_backbone(
-    model: nn.Module, head: nn.Module, train: ImageSet, val: ImageSet | None, resolution: int, norm: dict,
+    model: nn.Module, head: nn.Module, train: Any, val: Any | None, suite: Suite,
     schedule: CoefficientSchedule, seed: int, lr: float, label: str, progress: bool = True,
 ) -> tuple[float | None, dict]:
     """Cross-entropy through the frozen head on the (augmented) training shots, in eval mode (BatchNorm
-    statistics frozen); the untrained start and every epoch compete on :func:`selection_metric`."""
-    loader = image_loader(train, resolution, batch_size=schedule.batch_size, norm=norm,
-                          augmentation=schedule.augmentation, min_steps=schedule.min_steps_per_epoch)
+    statistics frozen, dropout off); the untrained start and every epoch compete on
+    :func:`selection_metric`. ``suite`` batches and scores the splits."""
+    loader = suite.loader(train, batch_size=schedule.batch_size, augmentation=schedule.augmentation,
+                          min_steps=schedule.min_steps_per_epoch)
 
     def evaluate(m: nn.Module) -> float:
-        return selection_metric(head(features(m, val, resolution, **norm)), val)
+        return selection_metric(suite.logits(m, head, val), val)
 
     result = fit(
         model,
@@ -294,18 +292,18 @@ def train_through_backbone(
                     seed=seed, train_mode=False, progress=progress, description=label),
         evaluate=None if val is None else evaluate,
     )
-    selection = None if val is None else score(head(features(model, val, resolution, **norm)), val)
+    selection = None if val is None else score(suite.logits(model, head, val), val)
     losses = [round(record.loss, 5) for record in result.history if record.epoch > 0]
     return selection, {"best_epoch": result.best_epoch, "train_losses": losses}
 
 
 def learn_atlas(
-    base: nn.Module, vectors: Sequence, head: nn.Module, train: ImageSet, val: ImageSet | None, resolution: int,
-    norm: dict, schedule: CoefficientSchedule, seed: int, label: str = "aTLAS", progress: bool = True,
+    base: nn.Module, vectors: Sequence, head: nn.Module, train: Any, val: Any | None, suite: Suite,
+    schedule: CoefficientSchedule, seed: int, label: str = "aTLAS", progress: bool = True,
 ) -> tuple[nn.Module, float | None, dict]:
     """aTLAS block coefficients from 0 (the pre-trained model) at the schedule's lr (0.1)."""
     composer = Composer(base, vectors, "block", init=0.0)
-    selection, detail = train_through_backbone(composer, head, train, val, resolution, norm, schedule, seed,
+    selection, detail = train_through_backbone(composer, head, train, val, suite, schedule, seed,
                                                schedule.lr, label, progress)
     coefficients = composer.coefficients.detach()
     detail["learned"] = int(coefficients.numel())

@@ -24,6 +24,7 @@ from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
 from taskvec.compose import Composer
 from taskvec.evaluate import accuracy
 from taskvec.report import markdown_table, plot_coefficients, write_results
+from taskvec.suites.vision import VisionSuite
 from taskvec.workflow import (
     DEFAULT_RESULTS,
     CoefficientSchedule,
@@ -88,7 +89,8 @@ def run_demo(config: DemoConfig | None = None, *, bank: Bank | None = None, task
         tic = time.perf_counter()
         composer = Composer(base, vectors, granularity, init=0.0)
         schedule = CoefficientSchedule(**{**asdict(config.schedule), "seed": config.seed, "progress": config.progress})
-        result = learn_supervised(composer, head, train, val, resolution, norm, schedule, description=label)
+        result = learn_supervised(composer, head, train, val, VisionSuite.for_images(resolution, norm), schedule,
+                                  description=label)
         merged = composer.merge()
         rows.append({"method": label, "learned": composer.coefficients.numel(), "val_acc": result.best_metric,
                      "test_acc": test_acc(merged), "seconds": time.perf_counter() - tic,

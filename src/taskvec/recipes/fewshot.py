@@ -58,6 +58,7 @@ from taskvec.evaluate import features, score, selection_metric
 from taskvec.experiment import RecordStore, fingerprint, json_safe, mean_se, summarize
 from taskvec.heads import LPPlusPlus, TipAdapter, fit_linear_head, tip_adapter_search
 from taskvec.report import markdown_table, plot_lines, write_results
+from taskvec.suites.vision import VisionSuite
 from taskvec.workflow import (
     DEFAULT_RESULTS,
     CoefficientSchedule,
@@ -207,7 +208,8 @@ def _finetune(
 ) -> tuple[nn.Module, float | None, dict]:
     """The whole backbone through the frozen head, BatchNorm statistics frozen; epoch chosen on ``val``."""
     model = copy.deepcopy(base).requires_grad_(True)
-    selection, detail = train_through_backbone(model, head, train, val, resolution, norm, config.schedule, seed,
+    selection, detail = train_through_backbone(model, head, train, val, VisionSuite.for_images(resolution, norm),
+                                               config.schedule, seed,
                                                config.finetune_lr, "full fine-tuning", config.progress)
     return model.eval(), selection, detail
 
@@ -250,8 +252,8 @@ def run_job(
 
     if any(m in methods for m in ATLAS_FAMILY):
         (merged, selection, detail), seconds = _timed(
-            lambda: learn_atlas(base, vectors, head, train, val, resolution, norm, config.schedule, seed,
-                                progress=config.progress))
+            lambda: learn_atlas(base, vectors, head, train, val, VisionSuite.for_images(resolution, norm),
+                                config.schedule, seed, progress=config.progress))
         test_merged = features(merged, task.test, resolution, **norm)
         if "atlas" in methods:
             record("atlas", head(test_merged), selection, seconds, detail)
@@ -296,7 +298,8 @@ def run_ood(
             train, val = few_shot_split(few_shot_pool(task_s), k, seed)
             (merged, selection, detail), seconds = _timed(
                 lambda train=train, val=val, seed=seed: learn_atlas(
-                    base, vectors, head, train, val, resolution, norm, config.schedule, seed, label="aTLAS (OOD)",
+                    base, vectors, head, train, val, VisionSuite.for_images(resolution, norm), config.schedule, seed,
+                    label="aTLAS (OOD)",
                     progress=config.progress))
             with torch.no_grad():
                 atlas_s = head(features(merged, task_s.test, resolution, **norm))

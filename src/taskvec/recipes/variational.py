@@ -40,6 +40,7 @@ from taskvec.evaluate import features, score, selection_metric
 from taskvec.experiment import RecordStore, fingerprint, history, json_safe, mean_se
 from taskvec.io import write_json
 from taskvec.report import markdown_table, write_results
+from taskvec.suites.vision import VisionSuite
 from taskvec.train import TrainConfig, TrainResult, fit
 from taskvec.variational import (
     ELBOLoss,
@@ -285,7 +286,8 @@ def _fewshot_job(bank: Bank, base: nn.Module, target: str, k: int, seed: int, re
               "selection_images": 0 if val is None else len(val)}
     schedule = replace(config.schedule, progress=config.progress, seed=seed)
     tic = time.perf_counter()
-    merged, selection, detail = learn_atlas(base, bank.vectors(sources), head, train, val, resolution, norm,
+    merged, selection, detail = learn_atlas(base, bank.vectors(sources), head, train, val,
+                                            VisionSuite.for_images(resolution, norm),
                                             schedule, seed, progress=config.progress)
     with torch.no_grad():
         atlas_acc = score(head(features(merged, task.test, resolution, **norm)), task.test)

@@ -30,6 +30,15 @@ class VisionSuite:
         self._norm: dict | None = None
         self._resolution = self.bank.config.resolution
 
+    @classmethod
+    def for_images(cls, resolution: int, norm: dict, bank: Bank | None = None) -> VisionSuite:
+        """Batching and scoring of image splits at ``resolution`` with ``norm`` (``mean``, ``std``), e.g.
+        for splits that come from outside a bank; backbone, vectors and heads need ``bank``."""
+        suite = cls.__new__(cls)
+        suite.bank, suite._tasks, suite.progress = bank, tuple(DEFAULT_TASKS), False  # type: ignore[assignment]
+        suite._norm, suite._resolution = dict(norm), int(resolution)
+        return suite
+
     @property
     def tasks(self) -> tuple[str, ...]:
         return self._tasks
