@@ -6,7 +6,9 @@ tokenised batches, zero-shot heads) implements the same protocol.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
@@ -66,4 +68,43 @@ class Suite(Protocol):
         ...
 
 
-__all__ = ["Suite"]
+SUITES = ("vision", "text")
+
+
+def make_suite(name: str = "vision", *, root: Path | str | None = None, tasks: Sequence[str] | None = None,
+               progress: bool = True, linearized: bool = False) -> Any:
+    """The named suite over its default bank (or the bank at ``root``): what ``--suite`` builds.
+
+    ``linearized`` gives the suite over the linearised bank of the same settings."""
+    if name == "vision":
+        from dataclasses import replace
+
+        from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
+        from taskvec.suites.vision import VisionSuite
+
+        config = replace(BankConfig(), linearized=linearized)
+        return VisionSuite(Bank(config, root=root), tasks=tuple(tasks or DEFAULT_TASKS), progress=progress)
+    if name == "text":
+        from taskvec.suites.text import TEXT_TASKS_DEFAULT, TextSuite
+
+        suite = TextSuite(root=None if linearized else root, tasks=tuple(tasks or TEXT_TASKS_DEFAULT),
+                          progress=progress)
+        return suite.linearized() if linearized else suite
+    raise ValueError(f"unknown suite {name!r}; choose from {list(SUITES)}")
+
+
+def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--suite`` and ``--bank-root``: every recipe's way to pick what it runs on."""
+    parser.add_argument("--suite", choices=SUITES, default="vision",
+                        help="vision (MobileNetV2 bank, probe heads) or text (MiniLM bank, zero-shot heads) "
+                             "(default: %(default)s)")
+    parser.add_argument("--bank-root", type=Path, default=None,
+                        help="the suite's bank directory (default: under $TASKVEC_CACHE/banks)")
+
+
+def suite_from_args(args: argparse.Namespace, *, progress: bool = True, tasks: Sequence[str] | None = None) -> Any:
+    """The suite :func:`add_suite_arguments`' options name."""
+    return make_suite(args.suite, root=args.bank_root, tasks=tasks, progress=progress)
+
+
+__all__ = ["SUITES", "Suite", "add_suite_arguments", "make_suite", "suite_from_args"]
