@@ -11,12 +11,12 @@ import synthetic
 import torch
 
 import taskvec.recipes.fewshot as fewshot
-import taskvec.workflow as common
 from taskvec.bank import Bank, BankConfig
 from taskvec.data import ImageSet
+from taskvec.evaluate import logit_scores, selection_metric
 from taskvec.experiment import mean_se, summarize
 from taskvec.recipes.fewshot import METHODS, FewShotConfig, run_fewshot
-from taskvec.workflow import CoefficientSchedule
+from taskvec.suites.vision import VisionSuite
 
 TASKS = ("alpha", "beta", "gamma")
 CONFIG = BankConfig(backbone="tiny_cnn", resolution=16, epochs=2, lr=3e-3, batch_size=16, pretrained=False)
@@ -25,11 +25,50 @@ SHOTS, SEEDS, TARGETS = (1, 4), (0, 1), ("gamma", "beta")
 
 def small_config(out, **overrides) -> FewShotConfig:
     settings = dict(
-        targets=TARGETS, shots=SHOTS, seeds=SEEDS, schedule=CoefficientSchedule(epochs=2, batch_size=8),
+        targets=TARGETS, shots=SHOTS, seeds=SEEDS, epochs=2, batch_size=8,
         ood_source="alpha", ood_target="beta", ood_shots=(4,), out=out, progress=False, resume=False,
     )
     settings.update(overrides)
     return FewShotConfig(**settings)
+
+
+def vision(bank: Bank) -> VisionSuite:
+    return VisionSuite(bank, tasks=TASKS, progress=False)
+
+
+class SpySuite:
+    """An injected spy: the suite it wraps, recording every split it batches, extracts or scores (the
+    suite is a recipe's only way to the inputs), and every ``vectors`` request."""
+
+    def __init__(self, suite) -> None:
+        self.suite, self.seen, self.vector_requests = suite, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.suite, name)
+
+    def loader(self, split, **kwargs):
+        self.seen.append(("train", split))
+        return self.suite.loader(split, **kwargs)
+
+    def features(self, model, split):
+        self.seen.append(("features", split))
+        return self.suite.features(model, split)
+
+    def logits(self, model, head, split):
+        self.seen.append(("logits", split))
+        return self.suite.logits(model, head, split)
+
+    def scores(self, model, head, split):
+        self.seen.append(("scores", split))
+        return self.suite.scores(model, head, split)
+
+    def accuracy(self, model, head, split):
+        self.seen.append(("scores", split))
+        return self.suite.accuracy(model, head, split)
+
+    def vectors(self, tasks):
+        self.vector_requests.append(list(tasks))
+        return self.suite.vectors(tasks)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +78,7 @@ def bank(tmp_path_factory) -> Bank:
 
 @pytest.fixture(scope="module")
 def result(bank, tmp_path_factory):
-    return run_fewshot(small_config(tmp_path_factory.mktemp("fewshot")), bank=bank, tasks=TASKS)
+    return run_fewshot(small_config(tmp_path_factory.mktemp("fewshot")), suite=vision(bank))
 
 
 def _key(record: dict) -> tuple:
@@ -77,7 +116,7 @@ def test_selection_metric_orders_by_accuracy_then_cross_entropy():
     confident = torch.tensor([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0], [0.5, 0.0]])  # 3/4 right, sure of itself
     hesitant = torch.tensor([[0.1, 0.0], [0.0, 0.1], [0.1, 0.0], [0.1, 0.0]])  # the same 3/4, barely
     wrong = torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])  # 1/4
-    metric = fewshot.selection_metric
+    metric = selection_metric
     assert metric(confident, split) > metric(hesitant, split) > metric(wrong, split)
     assert 0.75 < metric(hesitant, split) < metric(confident, split) < 0.75 + 1 / 5
     # Any accuracy gain beats any cross-entropy gain: a perfect but hesitant model beats a confident 3/4.
@@ -117,8 +156,8 @@ def test_every_method_target_shot_and_seed_is_run_and_written(result, bank):
     assert [r["test_acc"] for r in saved["records"]] == [r["test_acc"] for r in records]
     table = Path(files["markdown"]).read_text()
     assert table.startswith("Few-shot adaptation") and "Subset of the full grid" in table
-    for label in METHODS.values():
-        assert f"| {label} |" in table
+    for method in METHODS.values():
+        assert f"| {method.label} |" in table
     assert "Out of distribution" in table and "Runtime per method" in table
     assert Path(files["plot"]).read_bytes()[:4] == b"\x89PNG"
     # The table's averages are the summary's, and the summary is the records'.
@@ -148,14 +187,14 @@ def test_seeds_reproduce_and_test_labels_never_steer_anything(bank, result, tmp_
     """Rerun with the same seeds: identical numbers. Rerun with every target's *test labels permuted*:
     every selection score, selected hyper-parameter and selected epoch stays identical, so test labels
     never reached training or selection; only the final test accuracies change."""
-    again = run_fewshot(small_config(tmp_path / "again", targets=("gamma",), shots=(4,), ood=False), bank=bank,
-                        tasks=TASKS)
+    again = run_fewshot(small_config(tmp_path / "again", targets=("gamma",), shots=(4,), ood=False),
+                        suite=vision(bank))
     assert [(_key(r), r["test_acc"], r["selection_acc"]) for r in again["records"]] == [
         (_key(r), r["test_acc"], r["selection_acc"]) for r in result["records"] if (r["target"], r["k"]) == ("gamma", 4)
     ]
 
     poisoned_bank = Bank(CONFIG, root=bank.root, loader=synthetic.relabelled_loader)
-    poisoned = run_fewshot(small_config(tmp_path / "poisoned"), bank=poisoned_bank, tasks=TASKS)
+    poisoned = run_fewshot(small_config(tmp_path / "poisoned"), suite=vision(poisoned_bank))
     steering = [(_key(r), r["selection_acc"], json.dumps(r["detail"], sort_keys=True)) for r in poisoned["records"]]
     assert steering == [(_key(r), r["selection_acc"], json.dumps(r["detail"], sort_keys=True))
                         for r in result["records"]]
@@ -164,68 +203,59 @@ def test_seeds_reproduce_and_test_labels_never_steer_anything(bank, result, tmp_
         assert (a["selection_acc"], a["detail"]) == (b["selection_acc"], b["detail"])
 
 
-def test_training_and_selection_see_only_the_k_shot_data(bank, tmp_path, monkeypatch):
+def test_training_and_selection_see_only_the_k_shot_data(bank, tmp_path):
     """Every split a method trains on or is scored on before the end is drawn from the target's
-    validation split (its head was fitted on the training split) and holds at most k images per class."""
-    seen: list[tuple[str, object]] = []
-    import taskvec.suites.vision as vision_suite
+    validation split (its head was fitted on the training split) and holds at most k images per class;
+    the test split's labels are read only by the evaluator, once per method. The spies are injected
+    (a wrapping suite and an evaluator), so the proof holds whatever the recipe's internals are."""
+    spy = SpySuite(vision(bank))
+    evaluated = []
 
-    real_score, real_loader, real_select = common.score, vision_suite.image_loader, common.selection_metric
+    def evaluator(logits, split):
+        evaluated.append(split)
+        return logit_scores(logits, split)
 
-    def spy_score(logits, split):
-        seen.append(("score", split))
-        return real_score(logits, split)
-
-    def spy_loader(split, *args, **kwargs):
-        seen.append(("train", split))
-        return real_loader(split, *args, **kwargs)
-
-    def spy_select(logits, split):
-        seen.append(("select", split))
-        return real_select(logits, split)
-
-    # The few-shot methods live in the recipe; aTLAS and fine-tuning train through workflow, whose
-    # batches come from the vision suite's loader.
-    for module in (fewshot, common):
-        monkeypatch.setattr(module, "score", spy_score)
-        monkeypatch.setattr(module, "selection_metric", spy_select)
-    monkeypatch.setattr(vision_suite, "image_loader", spy_loader)
-    run_fewshot(small_config(tmp_path, targets=("gamma",), shots=(4,), seeds=(0,), ood=False), bank=bank, tasks=TASKS)
+    run_fewshot(small_config(tmp_path, targets=("gamma",), shots=(4,), seeds=(0,), ood=False), suite=spy,
+                evaluator=evaluator)
 
     task = synthetic.loader("gamma", seed=CONFIG.seed)
     pool_rows = {bytes(image.numpy()) for image in task.val.images}
     test_rows = {bytes(image.numpy()) for image in task.test.images}
-    kinds = {"train": 0, "select": 0, "score": 0, "test": 0}
-    for kind, split in seen:
+    kinds = {"train": 0, "features": 0, "logits": 0, "test": 0}
+    for kind, split in spy.seen:
         rows = {bytes(image.numpy()) for image in split.images}
-        if kind == "score" and len(split) == len(task.test) and rows <= test_rows:
-            kinds["test"] += 1  # the final evaluation
+        assert kind != "scores", "the suite scored a split: labels read outside the evaluator"
+        if len(split) == len(task.test) and rows <= test_rows:
+            assert kind != "train", "trained on the test split"
+            kinds["test"] += 1  # inputs of the final evaluation (their labels stay with the evaluator)
             continue
         kinds[kind] += 1
         assert rows <= pool_rows, f"{kind}: a split not drawn from the validation split"
         assert torch.all(split.class_counts(4) <= 4), f"{kind}: more than k images of a class"
-    assert kinds["train"] >= 2 and kinds["select"] >= 1 and kinds["score"] >= 1
-    assert kinds["test"] == len(METHODS)
+    assert kinds["train"] >= 2 and kinds["logits"] >= 1 and kinds["features"] >= 2 and kinds["test"] >= 1
+    assert len(evaluated) == len(METHODS)
+    assert all({bytes(image.numpy()) for image in split.images} == test_rows for split in evaluated)
+    assert all("gamma" not in request for request in spy.vector_requests)  # leave-one-out
 
 
 def test_resume_reuses_finished_jobs(bank, tmp_path, monkeypatch):
     config = small_config(tmp_path, targets=("gamma",), shots=(2,), seeds=(0,), ood=False,
                           methods=("probe", "atlas"), resume=True)
-    first = run_fewshot(config, bank=bank, tasks=TASKS)
+    first = run_fewshot(config, suite=vision(bank))
 
     def fail(*args, **kwargs):
         raise AssertionError("a finished job was recomputed")
 
     monkeypatch.setattr(fewshot, "run_job", fail)
-    second = run_fewshot(config, bank=bank, tasks=TASKS)
+    second = run_fewshot(config, suite=vision(bank))
     assert [r["test_acc"] for r in second["records"]] == [r["test_acc"] for r in first["records"]]
 
 
 def test_bad_requests_fail_clearly(bank, tmp_path):
     with pytest.raises(ValueError, match="unknown few-shot methods"):
-        run_fewshot(small_config(tmp_path, methods=("probe", "magic")), bank=bank, tasks=TASKS)
+        run_fewshot(small_config(tmp_path, methods=("probe", "magic")), suite=vision(bank))
     with pytest.raises(ValueError, match="not bank tasks"):
-        run_fewshot(small_config(tmp_path, targets=("delta",)), bank=bank, tasks=TASKS)
+        run_fewshot(small_config(tmp_path, targets=("delta",)), suite=vision(bank))
 
 
 def test_cli_options_size_the_run(monkeypatch):
@@ -233,7 +263,7 @@ def test_cli_options_size_the_run(monkeypatch):
 
     captured = {}
 
-    def fake(config, *, bank=None):
+    def fake(config, *, suite=None):
         captured["config"] = config
         return {"table": "t", "files": {"json": "j", "markdown": "m", "plot": "p"}, "seconds": 0.0}
 
@@ -254,7 +284,7 @@ def test_borrowed_head_scores_the_target_and_keys_its_own_records(bank, tmp_path
 
     config = small_config(tmp_path, targets=("gamma",), shots=(4,), seeds=(0,), methods=("pretrained", "tip"),
                           ood=False, head_from="alpha")
-    result = run_fewshot(config, bank=bank, tasks=TASKS)
+    result = run_fewshot(config, suite=vision(bank))
     pretrained = next(r for r in result["records"] if r["method"] == "pretrained")
     target = synthetic.loader("gamma", seed=CONFIG.seed)
     norm = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
@@ -262,6 +292,6 @@ def test_borrowed_head_scores_the_target_and_keys_its_own_records(bank, tmp_path
     assert pretrained["test_acc"] == pytest.approx(expected, abs=1e-6)
     assert "gamma scored by alpha's" in result["table"]
     own = small_config(tmp_path, head_from="own")
-    assert fewshot._fingerprint(config, bank) != fewshot._fingerprint(own, bank)  # never mixed on resume
+    assert fewshot.settings_fingerprint(config, vision(bank)) != fewshot.settings_fingerprint(own, vision(bank))
     with pytest.raises(ValueError, match="not bank tasks"):
-        run_fewshot(small_config(tmp_path, head_from="delta"), bank=bank, tasks=TASKS)
+        run_fewshot(small_config(tmp_path, head_from="delta"), suite=vision(bank))

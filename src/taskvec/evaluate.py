@@ -88,6 +88,13 @@ def score(logits: Tensor, split: ImageSet) -> float:
     return float((logits.argmax(-1) == split.labels.cpu()).float().mean())
 
 
+def logit_scores(logits: Tensor, split: ImageSet) -> dict[str, float]:
+    """``{"acc", "balanced_acc"}`` of precomputed logits against a split's labels (images or texts):
+    what a recipe reports for a method scored on features extracted once."""
+    predicted, labels = logits.argmax(-1).cpu(), split.labels.cpu()
+    return {"acc": float((predicted == labels).float().mean()), "balanced_acc": balanced_accuracy(predicted, labels)}
+
+
 def selection_metric(logits: Tensor, split: ImageSet) -> float:
     """Model selection score on a few selection shots: accuracy, ties broken by lower cross-entropy.
 

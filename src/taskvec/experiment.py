@@ -32,11 +32,14 @@ __all__ = [
     "config_from_args",
     "fingerprint",
     "grid",
+    "grid_table",
     "history",
     "json_safe",
     "markdown_table",
     "mean_se",
+    "mean_se_cell",
     "plot_bars",
+    "plot_summary",
     "run_grid",
     "summarize",
     "write_results",
@@ -186,6 +189,57 @@ def history(result: TrainResult) -> list[dict]:
     """A training run's per-epoch loss and selection metric, JSON-ready (NaN loss of epoch 0 -> null)."""
     return [{"epoch": r.epoch, "loss": None if r.loss != r.loss else r.loss, "selection": r.metric}
             for r in result.history]
+
+
+# ----------------------------------------------------------------------------------------------
+# Grid tables (mean +- s.e. cells)
+# ----------------------------------------------------------------------------------------------
+
+
+def mean_se_cell(mean: float | None, se: float | None, *, scale: float = 100.0, signed: bool = False) -> str:
+    """``"81.5 ± 0.4"`` (``scale`` 100: a fraction shown in %); no ``± ...`` when the s.e. is undefined
+    (one seed), empty when the mean is."""
+    if mean is None or mean != mean:
+        return ""
+    text = f"{scale * mean:{'+' if signed else ''}.1f}"
+    return text if se is None or se != se else f"{text} ± {scale * se:.1f}"
+
+
+def grid_table(
+    rows: Sequence[Mapping[str, Any]], *, row_key: str, column_key: str, row_order: Sequence[Any],
+    columns: Sequence[Any], labels: Mapping[Any, str] | None = None, column_label: str = "{}", first: str = "method",
+) -> str:
+    """A markdown table of :func:`summarize` rows: one line per ``row_key`` value (in ``row_order``, shown
+    as ``labels[value]``), one column per ``column_key`` value, cells :func:`mean_se_cell` of their
+    ``mean`` and ``se``; a missing combination is an empty cell."""
+    lookup = {(r[row_key], r[column_key]): r for r in rows}
+    names = [column_label.format(c) for c in columns]
+    out = []
+    for value in row_order:
+        line = {first: (labels or {}).get(value, str(value))}
+        for column, name in zip(columns, names, strict=True):
+            found = lookup.get((value, column))
+            line[name] = mean_se_cell(found["mean"], found["se"]) if found else ""
+        out.append(line)
+    return markdown_table(out, [first, *names])
+
+
+def plot_summary(
+    rows: Sequence[Mapping[str, Any]], path: Path | str, *, row_key: str, column_key: str, row_order: Sequence[Any],
+    labels: Mapping[Any, str] | None = None, **plot: Any,
+) -> Path:
+    """One line per ``row_key`` value of :func:`summarize` rows: mean against ``column_key`` with s.e. bars
+    (``plot`` goes to :func:`taskvec.report.plot_lines`: xlabel, ylabel, title, logx)."""
+    from taskvec.report import plot_lines
+
+    series = {}
+    for value in row_order:
+        found = sorted((r for r in rows if r[row_key] == value), key=lambda r: r[column_key])
+        if found:
+            series[(labels or {}).get(value, str(value))] = (
+                [r[column_key] for r in found], [r["mean"] for r in found],
+                [0.0 if r["se"] is None or r["se"] != r["se"] else r["se"] for r in found])
+    return plot_lines(series, Path(path), **plot)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from taskvec.batching import image_loader, mixed_loader, split_validation  # noq
 from taskvec.compose import Composer
 from taskvec.data import ImageSet
 from taskvec.evaluate import accuracy, score, selection_metric
+from taskvec.heads import LPPlusPlus, TipAdapter, fit_linear_head, tip_adapter_search
 from taskvec.merging import DEFAULT_ALPHA_GRID, alpha_search, task_arithmetic
 from taskvec.objectives import cross_entropy, multitask_cross_entropy
 from taskvec.train import Loader, TrainConfig, TrainResult, fit
@@ -311,3 +312,76 @@ def learn_atlas(
         zip(composer.vector_names, coefficients.mean(1).tolist(), strict=True))
     detail["max_abs_coefficient"] = float(coefficients.abs().max())
     return composer.merge(), selection, detail
+
+
+# ----------------------------------------------------------------------------------------------
+# Few-shot heads on features extracted once (any suite)
+# ----------------------------------------------------------------------------------------------
+
+
+def suite_scoring_head(suite: Suite, target: str, head_from: str) -> tuple[str, nn.Module]:
+    """:func:`scoring_head` over any suite: ``(task, frozen head)`` scoring ``target``; a borrowed head
+    must have the target's classes, in the same order."""
+    head_task = resolve_head(target, head_from)
+    if head_task != target:
+        donor, own = suite.splits(head_task).classes, suite.splits(target).classes
+        if list(donor) != list(own):
+            raise ValueError(f"head_from={head_task!r} has classes {list(donor)}, but {target!r} has {list(own)}")
+    return head_task, suite.head(head_task)
+
+
+@dataclass
+class ShotFeatures:
+    """One backbone's features of the training shots and the selection shots, extracted once and
+    shared by every head fitted on them (probe, Tip-Adapter, LP++)."""
+
+    train: torch.Tensor
+    val: torch.Tensor | None
+
+    @classmethod
+    def extract(cls, suite: Suite, model: nn.Module, train: Any, val: Any | None) -> ShotFeatures:
+        return cls(suite.features(model, train), None if val is None else suite.features(model, val))
+
+
+# (fitted head, accuracy on the selection shots or None at k = 1, what was chosen)
+FittedHead = tuple[nn.Module, float | None, dict]
+
+
+def fit_probe_on_shots(
+    feats: ShotFeatures, train: Any, val: Any | None, classes: int, decays: Sequence[float], default_decay: float
+) -> FittedHead:
+    """Linear probe on the training shots; weight decay chosen on the selection shots by
+    :func:`selection_metric` (the first best wins); ``default_decay`` when there is no selection split."""
+    if val is None or feats.val is None:
+        head = fit_linear_head(feats.train, train.labels, classes, weight_decay=default_decay)
+        return head, None, {"weight_decay": default_decay}
+    best = None
+    for decay in decays:
+        head = fit_linear_head(feats.train, train.labels, classes, weight_decay=decay)
+        metric = selection_metric(head(feats.val), val)
+        if best is None or metric > best[1]:
+            best = (head, metric, decay)
+    if best is None:
+        raise ValueError("fit_probe_on_shots: no weight decay to choose from")
+    return best[0], score(best[0](feats.val), val), {"weight_decay": best[2]}
+
+
+def fit_tip_on_shots(feats: ShotFeatures, train: Any, val: Any | None, head: nn.Module) -> FittedHead:
+    """Tip-Adapter caching the training shots on ``head``; (alpha, beta) searched on the selection
+    shots, the defaults at k = 1."""
+    if val is None or feats.val is None:
+        with torch.no_grad():
+            classes = int(head(feats.train[:1]).shape[-1])
+        adapter = TipAdapter(feats.train, train.labels, head, num_classes=classes)
+        return adapter, None, {"alpha": adapter.alpha, "beta": adapter.beta}
+    adapter, _ = tip_adapter_search(feats.train, train.labels, head, feats.val, val.labels)
+    return adapter, score(adapter(feats.val), val), {"alpha": adapter.alpha, "beta": adapter.beta}
+
+
+def fit_lpp_on_shots(feats: ShotFeatures, train: Any, val: Any | None, head: nn.Module, iterations: int) -> FittedHead:
+    """LP++ on the training shots, blended with ``head`` (nothing to select: its step sizes come from
+    Lipschitz bounds); the selection shots are only scored."""
+    with torch.enable_grad():
+        model = LPPlusPlus.fit(feats.train, train.labels, head, iterations=iterations)
+    metric = None if val is None or feats.val is None else score(model(feats.val), val)
+    return model, metric, {"final_loss": model.train_losses[-1]}

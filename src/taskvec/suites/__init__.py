@@ -22,6 +22,7 @@ class Suite(Protocol):
     """The data side of an experiment. Splits are opaque to the layer: only the suite batches them."""
 
     name: str
+    head_description: str  # whose head scores a task, for report headers
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -45,6 +46,12 @@ class Suite(Protocol):
 
     def splits(self, task: str) -> Any:
         """The task's ``train``, ``val`` and ``test`` splits (attributes)."""
+        ...
+
+    def few_shot_pool(self, task: Any) -> Any:
+        """The split of ``task`` (what :meth:`splits` returned) that few-shot data is drawn from: one
+        the task's head never saw (vision: validation, its head is a probe fitted on training; text:
+        training, its head is zero-shot)."""
         ...
 
     def loader(self, split: Any, *, batch_size: int, augmentation: str | None = None, min_steps: int = 1) -> Loader:

@@ -166,6 +166,13 @@ class TextSuite:
     def tasks(self) -> tuple[str, ...]:
         return self._tasks
 
+    head_description = "its zero-shot head (class names x prompt templates, no label seen)"
+
+    def few_shot_pool(self, task: TextTask) -> TextSet:
+        """Where a target's k shots come from: its training split, which the zero-shot head never saw
+        (and, with the target held out of the bank, no task vector either)."""
+        return task.train
+
     def build(self, tasks: Sequence[str] | None = None) -> None:
         self.bank.build(tuple(tasks or self._tasks), progress=self.progress)
 

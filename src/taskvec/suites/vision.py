@@ -43,6 +43,13 @@ class VisionSuite:
     def tasks(self) -> tuple[str, ...]:
         return self._tasks
 
+    head_description = "its own head, a linear probe fitted on its whole training split"
+
+    def few_shot_pool(self, task: Any) -> ImageSet:
+        """Where a target's k shots come from: its validation split. The head was fitted on the training
+        split, so shots from there would be images it has memorised (loss near zero, accuracy inflated)."""
+        return task.val
+
     def build(self, tasks: Sequence[str] | None = None) -> None:
         self.bank.build(tuple(tasks or self._tasks), progress=self.progress)
 
