@@ -12,13 +12,15 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from test_recipe_fewshot import SpySuite  # noqa: E402
-from test_suite_text import TINY, _oracle_embeddings, fake_task, make_suite, tiny  # noqa: E402, F401
+import test_suite_text as text_fixtures
+from test_recipe_fewshot import SpySuite
+from test_suite_text import TINY, _oracle_embeddings, fake_task, make_suite
 
-from taskvec.cli import main  # noqa: E402
-from taskvec.evaluate import logit_scores  # noqa: E402
-from taskvec.recipes.fewshot import METHODS, FewShotConfig, run_fewshot  # noqa: E402
+from taskvec.cli import main
+from taskvec.evaluate import logit_scores
+from taskvec.recipes.fewshot import METHODS, FewShotConfig, run_fewshot
 
+tiny = text_fixtures.tiny  # the tiny BERT + tokenizer fixture
 SHOTS = (1, 2)
 
 

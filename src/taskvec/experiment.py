@@ -32,15 +32,18 @@ __all__ = [
     "config_from_args",
     "fingerprint",
     "grid",
+    "grid_report",
     "grid_table",
     "history",
     "json_safe",
     "markdown_table",
     "mean_se",
     "mean_se_cell",
+    "paired_summary",
     "plot_bars",
     "plot_summary",
     "run_grid",
+    "runtime_rows",
     "summarize",
     "write_results",
 ]
@@ -224,6 +227,63 @@ def grid_table(
     return markdown_table(out, [first, *names])
 
 
+def grid_report(
+    records: Sequence[Mapping[str, Any]], labels: Mapping[str, str], columns: Sequence[Any], *,
+    metrics: Mapping[str, str], column_key: str = "k", column_label: str = "k={}", runtime: str | None = None,
+) -> tuple[dict[str, dict], list[str]]:
+    """:func:`summarize` of each of ``metrics`` (record key -> title) and the report's markdown sections:
+    each metric's over-target table (a line per ``labels`` key, a column per ``columns`` value), the
+    first metric's table per target, and with a ``runtime`` caption :func:`runtime_rows`' table.
+    Returns ``({key: summary}, sections)``."""
+    summaries = {key: summarize([dict(r) for r in records], key=key) for key in metrics}
+
+    def table(rows: Sequence[Mapping[str, Any]]) -> str:
+        return grid_table(rows, row_key="method", column_key=column_key, row_order=list(labels), columns=columns,
+                          labels=labels, column_label=column_label)
+
+    sections: list[str] = []
+    for key, title in metrics.items():
+        sections += ([] if not sections else ["", title, ""]) + [table(summaries[key]["average"])]
+    first = next(iter(metrics))
+    for target in sorted({r["target"] for r in records}, key=[r["target"] for r in records].index):
+        rows = [r for r in summaries[first]["per_target"] if r["target"] == target]
+        sections += ["", f"**{target}** (mean ± s.e. over seeds)", "", table(rows)]
+    if runtime is not None:
+        times = markdown_table(runtime_rows(records, labels), ["method", "runs", "mean_seconds", "total_seconds"],
+                               digits=1)
+        sections += ["", runtime, "", times]
+    return summaries, sections
+
+
+def paired_summary(
+    records: Sequence[Mapping[str, Any]], *, by: str, columns: Mapping[str, str],
+    changes: Mapping[str, tuple[str, str, str | None]],
+) -> tuple[list[dict], str]:
+    """Per value of ``by`` (e.g. k): mean +- s.e. over records of each of ``columns`` (name -> shown
+    label) and of each paired difference ``changes[name] = (a, b, label)``, ``r[a] - r[b]`` per record
+    (a label of None: in the rows, not in the table). Returns (rows, markdown table)."""
+    rows, shown = [], []
+    for value in sorted({r[by] for r in records}):
+        group = [r for r in records if r[by] == value]
+        row: dict = {by: value, "seeds": len(group), **{n: mean_se([r[n] for r in group]) for n in columns}}
+        row.update({n: mean_se([r[a] - r[b] for r in group]) for n, (a, b, _) in changes.items()})
+        rows.append(row)
+        shown.append({by: value, **{label: mean_se_cell(*row[n]) for n, label in columns.items()},
+                      **{label: mean_se_cell(*row[n], signed=True) for n, (_, _, label) in changes.items() if label}})
+    return rows, markdown_table(shown)
+
+
+def runtime_rows(records: Sequence[Mapping[str, Any]], labels: Mapping[str, str], *, key: str = "method") -> list[dict]:
+    """Per ``key`` value (in ``labels`` order, shown as its label): runs, mean and total ``seconds``."""
+    rows = []
+    for name, label in labels.items():
+        seconds = [r["seconds"] for r in records if r[key] == name]
+        if seconds:
+            rows.append({key: label, "runs": len(seconds), "mean_seconds": sum(seconds) / len(seconds),
+                         "total_seconds": sum(seconds)})
+    return rows
+
+
 def plot_summary(
     rows: Sequence[Mapping[str, Any]], path: Path | str, *, row_key: str, column_key: str, row_order: Sequence[Any],
     labels: Mapping[Any, str] | None = None, **plot: Any,
@@ -232,7 +292,7 @@ def plot_summary(
     (``plot`` goes to :func:`taskvec.report.plot_lines`: xlabel, ylabel, title, logx)."""
     from taskvec.report import plot_lines
 
-    series = {}
+    series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float] | None]] = {}
     for value in row_order:
         found = sorted((r for r in rows if r[row_key] == value), key=lambda r: r[column_key])
         if found:

@@ -6,8 +6,10 @@ Nothing here is new maths: it connects data -> bank -> composer -> objective -> 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -19,6 +21,7 @@ from taskvec.batching import image_loader, mixed_loader, split_validation  # noq
 from taskvec.compose import Composer
 from taskvec.data import ImageSet
 from taskvec.evaluate import accuracy, score, selection_metric
+from taskvec.experiment import paired_summary
 from taskvec.heads import LPPlusPlus, TipAdapter, fit_linear_head, tip_adapter_search
 from taskvec.merging import DEFAULT_ALPHA_GRID, alpha_search, task_arithmetic
 from taskvec.objectives import cross_entropy, multitask_cross_entropy
@@ -385,3 +388,100 @@ def fit_lpp_on_shots(feats: ShotFeatures, train: Any, val: Any | None, head: nn.
         model = LPPlusPlus.fit(feats.train, train.labels, head, iterations=iterations)
     metric = None if val is None or feats.val is None else score(model(feats.val), val)
     return model, metric, {"final_loss": model.train_losses[-1]}
+
+
+class FewShotTarget:
+    """A target held out of the suite's bank: its splits, the head that scores it
+    (:func:`suite_scoring_head`), the other tasks' vectors and its pre-trained test features, each made
+    on first use (a resumed run loads nothing it does not need)."""
+
+    def __init__(self, suite: Suite, base: nn.Module, name: str, tasks: Sequence[str], head_from: str = "own") -> None:
+        self.suite, self.base, self.name, self.tasks = suite, base, name, tuple(tasks)
+        self.splits = suite.splits(name)
+        self.head_task, self.head = suite_scoring_head(suite, name, head_from)
+
+    @cached_property
+    def vectors(self) -> list[TaskVector]:
+        return self.suite.vectors([t for t in self.tasks if t != self.name])
+
+    @cached_property
+    def test_pretrained(self) -> torch.Tensor:
+        return self.suite.features(self.base, self.splits.test)
+
+
+class FewShotJob:
+    """One (target, k, seed): k shots per class from ``suite.few_shot_pool`` cut by :func:`few_shot_split`,
+    and what several methods share (shot features of a backbone, the aTLAS-merged model and its test
+    features), each made once; ``costs`` holds the seconds each took."""
+
+    def __init__(self, target: FewShotTarget, k: int, seed: int, schedule: CoefficientSchedule) -> None:
+        self.target, self.suite, self.base, self.head = target, target.suite, target.base, target.head
+        self.k, self.seed, self.schedule = k, seed, schedule
+        self.train, self.val = few_shot_split(self.suite.few_shot_pool(target.splits), k, seed)
+        self.costs: dict[str, float] = {}
+        self._made: dict[str, Any] = {}
+
+    def shared(self, name: str, make: Callable[[], Any]) -> Any:
+        if name not in self._made:
+            tic = time.perf_counter()
+            self._made[name] = make()
+            self.costs[name] = time.perf_counter() - tic
+        return self._made[name]
+
+    def features(self, name: str, model: Callable[[], nn.Module]) -> ShotFeatures:
+        """Shot features of ``model()``, extracted once under ``name``."""
+        return self.shared(name, lambda: ShotFeatures.extract(self.suite, model(), self.train, self.val))
+
+    def atlas(self, label: str = "aTLAS") -> tuple[nn.Module, float | None, dict]:
+        """:func:`learn_atlas` on the shots (merged model, selection accuracy, detail), learned once."""
+        return self.shared("atlas", lambda: learn_atlas(self.base, self.target.vectors, self.head, self.train,
+                                                        self.val, self.suite, self.schedule, self.seed, label=label,
+                                                        progress=self.schedule.progress))
+
+    def atlas_test(self) -> torch.Tensor:
+        return self.shared("atlas_test", lambda: self.suite.features(self.atlas()[0], self.target.splits.test))
+
+
+def atlas_transfer(
+    suite: Suite, base: nn.Module, source: str, target: str, shots: Sequence[int], seeds: Sequence[int],
+    schedule: CoefficientSchedule, evaluator: Callable[[torch.Tensor, Any], dict],
+) -> list[dict]:
+    """Out of distribution: aTLAS learned on ``source`` shots, tested in domain and on ``target`` (the same
+    classes in another style, scored by ``source``'s head), neither task's vector in the bank. One record
+    per (k, seed) with pre-trained and aTLAS accuracies in and out of domain."""
+    sources = [t for t in suite.tasks if t not in (source, target)]
+    origin, other = FewShotTarget(suite, base, source, sources), suite.splits(target)
+    if list(origin.splits.classes) != list(other.classes):
+        raise ValueError(f"OOD pair {source} -> {target}: the class lists differ, so one head cannot serve both")
+    if not sources:
+        raise ValueError(f"OOD: no task vector left once {source} and {target} are excluded from {list(suite.tasks)}")
+
+    def scores(test_source: torch.Tensor, model: nn.Module) -> dict:
+        with torch.no_grad():
+            return {"in_domain": evaluator(origin.head(test_source), origin.splits.test)["acc"],
+                    "ood": evaluator(origin.head(suite.features(model, other.test)), other.test)["acc"]}
+
+    pre, records = scores(origin.test_pretrained, base), []
+    for k in shots:
+        for seed in seeds:
+            job = FewShotJob(origin, k, seed, schedule)
+            merged, selection, detail = job.atlas("aTLAS (OOD)")
+            atlas = scores(job.atlas_test(), merged)
+            records.append({"source": source, "target": target, "k": k, "seed": seed, "sources": sources,
+                            **{f"pretrained_{n}": v for n, v in pre.items()},
+                            **{f"atlas_{n}": v for n, v in atlas.items()},
+                            "selection_acc": selection, "seconds": job.costs["atlas"], "detail": detail})
+    return records
+
+
+TRANSFER_COLUMNS = {"pretrained_in_domain": "pre-trained (ID)", "atlas_in_domain": "aTLAS (ID)",
+                    "pretrained_ood": "pre-trained (OOD)", "atlas_ood": "aTLAS (OOD)"}
+TRANSFER_CHANGES = {"ood_change_vs_pretrained": ("atlas_ood", "pretrained_ood", "Δ OOD vs pre-trained"),
+                    "ood_minus_in_domain": ("atlas_ood", "atlas_in_domain", "aTLAS OOD − ID"),
+                    "in_domain_change_vs_pretrained": ("atlas_in_domain", "pretrained_in_domain", None)}
+
+
+def transfer_summary(records: Sequence[dict]) -> tuple[list[dict], str]:
+    """Per k, mean +- s.e. over seeds of :func:`atlas_transfer`'s accuracies and of their paired changes
+    (aTLAS OOD - pre-trained OOD, aTLAS OOD - aTLAS in domain): (rows, markdown table)."""
+    return paired_summary(records, by="k", columns=TRANSFER_COLUMNS, changes=TRANSFER_CHANGES)
