@@ -39,6 +39,8 @@ ALL_SHOTS = (1, 2, 4, 8, 16)
 
 @dataclass(frozen=True)
 class Method:
+    """A registered method: its table label and ``run(job, config) -> (test logits, selection, detail)``."""
+
     label: str
     run: Callable[[FewShotJob, FewShotConfig], Outcome]
     uses: tuple[str, ...] = ()  # shared computations (FewShotJob.costs) counted in the method's runtime
@@ -69,7 +71,7 @@ FITTERS: dict[str, Callable[[FewShotJob, ShotFeatures, FewShotConfig], Fitted]] 
 def _finetune(job: FewShotJob, config: FewShotConfig) -> Outcome:
     model = copy.deepcopy(job.base).requires_grad_(True)
     selection, detail = wf.train_through_backbone(model, job.head, job.train, job.val, job.suite, job.schedule,
-                                               job.seed, config.finetune_lr, "full fine-tuning", config.progress)
+                                                  job.seed, config.finetune_lr, "full fine-tuning", config.progress)
     return job.head(job.suite.features(model.eval(), job.target.splits.test)), selection, detail
 
 
