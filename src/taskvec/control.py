@@ -3,7 +3,16 @@ while a control task keeps at least 95% of the pre-trained model's control accur
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
 ROUNDING = 1e-6
+# Per suite, the control and the fallback control (used when the target is the control): a task the
+# pre-trained backbone already does well on (aTLAS uses ImageNet; these banks have no ImageNet head).
+SUITE_CONTROLS = {"vision": ("fashion_mnist", "mnist"), "text": ("bbc_news", "wordnet_noun")}
 
 
 def control_kept(control_acc: float, reference_acc: float, fraction: float = 0.95) -> bool:
@@ -31,8 +40,71 @@ def negation_score(target_acc: float, control_acc: float, reference_acc: float, 
     return control_acc - 2.0
 
 
-def default_control(target: str, control: str, fallback: str) -> str:
+def default_control(target: str, control: str = SUITE_CONTROLS["vision"][0],
+                    fallback: str = SUITE_CONTROLS["vision"][1]) -> str:
     """The control task for ``target``: ``control``, or ``fallback`` when the target is the control."""
     if control == fallback:
         raise ValueError(f"control and fallback control must differ; both are {control!r}")
     return fallback if target == control else control
+
+
+def suite_controls(suite_name: str) -> tuple[str, str]:
+    """``(control, fallback control)`` of a suite (:data:`SUITE_CONTROLS`)."""
+    if suite_name not in SUITE_CONTROLS:
+        raise ValueError(f"no default negation control for suite {suite_name!r} (known: {sorted(SUITE_CONTROLS)}); "
+                         "name one with --control and --fallback-control")
+    return SUITE_CONTROLS[suite_name]
+
+
+@dataclass
+class NegationSide:
+    """One task of a negation job: its frozen head, the selection / fitting parts of its validation
+    split, its test split and its bank entry's metadata."""
+
+    name: str
+    head: nn.Module
+    select: Any
+    fit: Any
+    test: Any
+    meta: dict
+
+
+class NegationJob:
+    """A (target, control) pair on one suite with the 95% rule as its selection metric.
+
+    The reference is the pre-trained model's control accuracy on the control's selection part, so
+    every choice (alpha, epoch) is made on validation data; :meth:`test` is for the report only.
+    ``evaluator(model, head, split)`` computes every accuracy (default ``suite.accuracy``)."""
+
+    def __init__(self, suite: Any, target: str, control: str, *, select_per_task: int, fit_per_task: int,
+                 seed: int, fraction: float = 0.95, evaluator: Callable[..., float] | None = None) -> None:
+        from taskvec.batching import split_validation
+
+        control_kept(1.0, 1.0, fraction)  # validates the fraction
+        self.suite, self.fraction = suite, fraction
+        self.evaluator = evaluator or suite.accuracy
+        self.base = suite.backbone()
+        sides = []
+        for task in (target, control):
+            data = suite.splits(task)
+            select, fit = split_validation(data.val, select_per_task, fit_per_task, seed, task)
+            sides.append(NegationSide(task, suite.head(task), select, fit, data.test, suite.bank.meta(task)))
+        self.target, self.control = sides
+        self.reference = self.accuracy(self.base, self.control, "select")  # pre-trained control accuracy (val)
+        self.trace: list[dict] = []
+
+    def accuracy(self, model: nn.Module, side: NegationSide, split: str) -> float:
+        return float(self.evaluator(model, side.head, getattr(side, split)))
+
+    def selection(self, model: nn.Module) -> float:
+        """:func:`negation_score` on the selection parts (validation data); records both accuracies."""
+        target, control = self.accuracy(model, self.target, "select"), self.accuracy(model, self.control, "select")
+        self.trace.append({"target_val": target, "control_val": control})
+        return negation_score(target, control, self.reference, self.fraction)
+
+    def test(self, model: nn.Module) -> tuple[float, float]:
+        """Target and control accuracy on the test splits: the report, never a choice."""
+        return self.accuracy(model, self.target, "test"), self.accuracy(model, self.control, "test")
+
+    def vector(self) -> Any:
+        return self.suite.vectors([self.target.name])[0]
