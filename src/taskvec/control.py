@@ -1,11 +1,16 @@
 """The control rule of task negation (aTLAS, after Ilharco et al.): forgetting a target counts only
-while a control task keeps at least 95% of the pre-trained model's control accuracy."""
+while a control task keeps at least 95% of the pre-trained model's control accuracy.
+
+Here live the rule (:func:`control_kept`, :func:`negation_score`), the choice of control per suite, one
+(target, control) job on a suite whose selection metric is the rule (:class:`NegationJob`), and the two
+negation methods that choose on it: :func:`negated_task_arithmetic` and aTLAS's :func:`learn_negation`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -108,3 +113,78 @@ class NegationJob:
 
     def vector(self) -> Any:
         return self.suite.vectors([self.target.name])[0]
+
+
+class NegationSettings(Protocol):
+    """What :func:`learn_negation` reads (``NegationConfig`` has it)."""
+
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    bound: str
+    augmentation: str | None
+    seed: int
+    progress: bool
+    resume: bool
+
+
+def negated_task_arithmetic(
+    job: NegationJob, grid: Sequence[float], linearized: bool = False
+) -> tuple[nn.Module, dict]:
+    """``theta_0 + alpha * tau_target`` with alpha from ``grid`` (0 and negative values) chosen by the 95% rule
+    on validation data (an isotropic composer in tangent space when ``linearized``): ``(model, detail)``."""
+    from taskvec.compose import Composer
+    from taskvec.merging import alpha_search
+
+    vector = job.vector()
+    composer = Composer(job.base, [vector], "isotropic", linearized=True) if linearized else None
+
+    def at(alpha: float) -> nn.Module:
+        if composer is None:
+            return vector.apply_to(job.base, alpha)
+        composer.coefficients.data.fill_(alpha)
+        return composer
+
+    best, table = alpha_search(lambda a: job.selection(at(a)), grid)
+    trace = [dict(alpha=a, score=s, **t) for (a, s), t in zip(table, job.trace, strict=True)]
+    chosen = next(t for t in trace if t["alpha"] == best)
+    model = at(best)
+    return (model if composer is None else composer.merge()), {
+        "alpha": best, "alpha_table": trace, "target_val": chosen["target_val"], "control_val": chosen["control_val"]}
+
+
+def learn_negation(job: NegationJob, settings: NegationSettings, *, linearized: bool = False,
+                   checkpoint: Path | None = None) -> tuple[Any, dict]:
+    """aTLAS negation: block coefficients from 0 (the pre-trained model) trained with
+    ``objectives.negation`` (``-CE(target) + CE(control)``, the target term bounded) on the fitting parts,
+    every batch half target, half control; the epoch (the untrained state competes) chosen by the 95% rule
+    on validation data. Returns ``(composer, detail)``."""
+    from taskvec.compose import Composer
+    from taskvec.experiment import history
+    from taskvec.objectives import negation
+    from taskvec.suites.multitask import suite_mixed_loader
+    from taskvec.train import TrainConfig, fit
+
+    composer = Composer(job.base, [job.vector()], "block", init=0.0, linearized=linearized)
+    loader = suite_mixed_loader(job.suite, [job.target.fit, job.control.fit], settings.batch_size,
+                                steps=-(-len(job.target.fit) // settings.batch_size),
+                                augmentation=settings.augmentation)
+    result = fit(composer, negation(job.target.head, job.control.head, bound=settings.bound),  # type: ignore[arg-type]
+                 loader, TrainConfig(epochs=settings.epochs, lr=settings.lr, weight_decay=settings.weight_decay,
+                                     warmup_fraction=0.0, seed=settings.seed, progress=settings.progress,
+                                     checkpoint=checkpoint, resume=settings.resume,
+                                     description=f"negate {job.target.name}{' (lin)' if linearized else ''}"),
+                 evaluate=job.selection)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    epochs = [r.epoch for r in result.history]
+    trace = job.trace[-len(epochs):]  # a resumed run has fewer traced evaluations than history entries
+    chosen = {"target_val": None, "control_val": None}
+    for epoch, t in zip(epochs[-len(trace):], trace, strict=True):
+        if epoch == result.best_epoch:
+            chosen = t
+    coefficients = composer.coefficients.detach()
+    return composer, {"best_epoch": result.best_epoch, "history": history(result), "val_trace": trace, **chosen,
+                      "learned": coefficients.numel(), "mean_coefficient": float(coefficients.mean()),
+                      "coefficient_range": [float(coefficients.min()), float(coefficients.max())]}

@@ -199,6 +199,21 @@ def bank_identity(banks: Sequence[Bank], tasks: Sequence[str]) -> list:
     return [[str(bank.root), [bank.meta(t).get("vector_norm") for t in tasks if bank.has(t)]] for bank in banks]
 
 
+def standard_and_linearized(
+    suite: Any, linear_suite: Any | None, linearized: bool, tasks: Sequence[str], progress: bool = True
+) -> list[Any]:
+    """``[suite]``, plus its linearised twin (``linear_suite`` or ``suite.linearized()``) when ``linearized``
+    methods are asked for; every bank is built for ``tasks`` first (cached, resumable)."""
+    suites = [suite]
+    if linearized:
+        suites.append(linear_suite or suite.linearized())
+        if not suites[1].bank.config.linearized:
+            raise ValueError(f"linear suite's bank {suites[1].bank.root} was not built with linearized=True")
+    for each in suites:
+        each.bank.build(list(tasks), progress=progress)
+    return suites
+
+
 def banks_table(banks: Sequence[Bank]) -> dict[str, dict]:
     """For a report: each bank's root and entries (:meth:`Bank.table`), keyed ``standard`` / ``linearised``."""
     return {("linearised" if bank.config.linearized else "standard"): {"root": str(bank.root), "entries": bank.table()}
@@ -305,6 +320,26 @@ def train_multitask(
     )
     checkpoint.unlink(missing_ok=True)
     return trained
+
+
+def per_vector_means(composer: Composer) -> dict[str, float]:
+    """Each vector's mean coefficient (over blocks): what a report says about a learned composition."""
+    return dict(zip(composer.vector_names, composer.coefficients.detach().mean(1).tolist(), strict=True))
+
+
+def adamerge_tasks(
+    ctx: MultiTaskData, settings: Any, batch_per_task: int, checkpoint: Path, resume: bool = True
+) -> Composer:
+    """AdaMerging (:mod:`taskvec.adamerging`, ``settings`` an ``AdaMergingConfig``) of ``ctx``'s vectors on
+    the unlabelled *test inputs* of every task, as its authors do: the loader drops the labels, so the
+    coefficients never see one. Returns the composer with its (clamped) coefficients."""
+    from taskvec.adamerging import adamerge
+
+    loader = ctx.mixed([ctx.test[t] for t in ctx.tasks], batch_per_task, steps=settings.steps, labels=False)
+    composer, _ = adamerge(ctx.base, ctx.vectors(), [ctx.heads[t] for t in ctx.tasks], loader, settings,
+                           checkpoint=checkpoint, resume=resume)
+    checkpoint.unlink(missing_ok=True)
+    return composer
 
 
 def train_through_backbone(

@@ -23,9 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from taskvec.adamerging import AdaMergingConfig, adamerge
+from taskvec.adamerging import AdaMergingConfig
 from taskvec.compose import Composer
 from taskvec.experiment import (
     RecordStore,
@@ -44,8 +43,11 @@ from taskvec.workflow import (
     DEFAULT_RESULTS,
     Evaluator,
     MultiTaskSetup,
+    adamerge_tasks,
     banks_table,
     normalized_accuracy,
+    per_vector_means,
+    standard_and_linearized,
     task_arithmetic_search,
     ties_search,
     train_multitask,
@@ -79,10 +81,6 @@ def _row(key: str, ctx: SuiteMultiTaskData, test: dict, selection: float, tic: f
             "seconds": time.perf_counter() - tic, **extra}
 
 
-def _per_vector(composer: Composer) -> dict[str, float]:
-    return dict(zip(composer.vector_names, composer.coefficients.detach().mean(1).tolist(), strict=True))
-
-
 def _pretrained(run: _Run, key: str) -> tuple[dict, None]:
     ctx, tic = run.ctx, time.perf_counter()
     test = {t: float(ctx.meta[t]["head_test_acc"]) for t in ctx.tasks}  # base + head on test, from the bank
@@ -108,21 +106,16 @@ def _ties(run: _Run, key: str) -> tuple[dict, None]:
 
 def _adamerging(run: _Run, key: str) -> tuple[dict, Composer]:
     ctx, config, tic = run.ctx, run.config, time.perf_counter()
-    # Unlabelled test inputs, as AdaMerging does: the loader drops the labels.
-    loader = ctx.mixed([ctx.test[t] for t in ctx.tasks], config.adamerging_batch_per_task,
-                       steps=config.adamerging_steps, labels=False)
     settings = AdaMergingConfig(granularity="layer", steps=config.adamerging_steps, lr=config.adamerging_lr,
                                 init=config.adamerging_init, clamp=config.adamerging_clamp, seed=config.seed,
                                 progress=config.progress)
-    checkpoint = run.out / "addition_adamerging.ckpt"
-    composer, _ = adamerge(ctx.base, ctx.vectors(), [ctx.heads[t] for t in ctx.tasks], loader, settings,
-                           checkpoint=checkpoint, resume=config.resume)
-    checkpoint.unlink(missing_ok=True)
+    composer = adamerge_tasks(ctx, settings, config.adamerging_batch_per_task, run.out / "addition_adamerging.ckpt",
+                              config.resume)
     merged, coefficients = composer.merge(), composer.coefficients.detach()
     selected = time.perf_counter() - tic
     return _row(key, ctx, ctx.test_scores(merged), ctx.selection_score(merged), tic, learned=coefficients.numel(),
                 train_seconds=selected, steps=config.adamerging_steps,
-                mean_coefficient_per_vector=_per_vector(composer),
+                mean_coefficient_per_vector=per_vector_means(composer),
                 coefficient_range=[float(coefficients.min()), float(coefficients.max())]), composer
 
 
@@ -141,7 +134,7 @@ def _learned(granularity: str) -> Callable[[_Run, str], tuple[dict, Composer]]:
                        "history": history(result), "train_seconds": selected}
         if method.linearized:
             extra["normalized_by_standard_finetuned"] = {t: test[t] / run.ctx.finetuned[t] for t in use.tasks}
-        extra["mean_coefficient_per_vector"] = _per_vector(composer)
+        extra["mean_coefficient_per_vector"] = per_vector_means(composer)
         return _row(key, use, test, float(result.best_metric), tic, **extra), composer
 
     return learn
@@ -182,15 +175,13 @@ class AdditionConfig(MultiTaskSetup):
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"methods {unknown or '[]'}: choose a non-empty subset of {list(METHODS)}")
-        for name in ("epochs", "adamerging_steps", "select_per_task", "fit_per_task", "batch_per_task",
-                     "adamerging_batch_per_task"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("alpha_grid", "ties_grid"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} is empty")
-        if not 0.0 < self.ties_density <= 1.0:
-            raise ValueError(f"ties_density must be in (0, 1]; got {self.ties_density}")
+        sizes = ("epochs", "adamerging_steps", "select_per_task", "fit_per_task", "batch_per_task",
+                 "adamerging_batch_per_task")
+        if bad := {name: getattr(self, name) for name in sizes if getattr(self, name) < 1}:
+            raise ValueError(f"{bad}: these settings must be >= 1")
+        if not self.alpha_grid or not self.ties_grid or not 0.0 < self.ties_density <= 1.0:
+            raise ValueError(f"alpha_grid {self.alpha_grid} and ties_grid {self.ties_grid} must be non-empty, "
+                             f"ties_density {self.ties_density} in (0, 1]")
 
 
 def run_addition(config: AdditionConfig | None = None, *, suite: Suite | None = None,
@@ -205,13 +196,8 @@ def run_addition(config: AdditionConfig | None = None, *, suite: Suite | None = 
     if len(tasks) < 2:
         raise ValueError(f"task addition merges at least two tasks; got {list(tasks)}")
     started = time.perf_counter()
-    suites: list[Any] = [suite]  # a suite's bank builds missing entries (cached, resumable)
-    if any(METHODS[m].linearized for m in config.methods):
-        suites.append(linear_suite or suites[0].linearized())
-        if not suites[1].bank.config.linearized:
-            raise ValueError(f"linear_suite's bank {suites[1].bank.root} was not built with linearized=True")
-    for each in suites:
-        each.bank.build(tasks, progress=config.progress)
+    linearized = any(METHODS[m].linearized for m in config.methods)
+    suites = standard_and_linearized(suite, linear_suite, linearized, tasks, config.progress)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(config).items() if k not in ("methods", "out", "resume", "progress")}
@@ -226,6 +212,9 @@ def run_addition(config: AdditionConfig | None = None, *, suite: Suite | None = 
         if composer is not None:
             composer.save_coefficients(out / f"addition_{key}_coefficients.safetensors",
                                        extra={"recipe": "addition", "method": key})
+        if composer is not None and METHODS[key].heatmap:
+            plot_composer(composer, out / f"addition_{key}_coefficients.png",
+                          title=f"{METHODS[key].label} coefficients, task addition")
         return row
 
     rows = run_grid(grid(method=config.methods), job, records, key=lambda spec: spec["method"])
@@ -263,15 +252,11 @@ def _report(rows: list[dict], run: _Run, contexts: list[SuiteMultiTaskData], sta
                      ylabel="normalised accuracy (avg over tasks)", title="Task addition",
                      points={r["method"]: r["normalized"] for r in rows}, reference=1.0)
     files: dict[str, str] = {"bars": str(bars)}
-    for key in config.methods:
-        coefficients = out / f"addition_{key}_coefficients.safetensors"
-        use = run.lin if METHODS[key].linearized else ctx
-        if METHODS[key].heatmap and coefficients.is_file() and use is not None:
-            composer = Composer(use.base, use.vectors(), "block", linearized=METHODS[key].linearized)
-            composer.load_coefficients(coefficients)
-            files[f"heatmap_{key}"] = str(plot_composer(composer, out / f"addition_{key}_coefficients.png",
-                                                        title=f"{METHODS[key].label} coefficients, task addition"))
-            files[f"coefficients_{key}"] = str(coefficients)
+    for key in config.methods:  # heatmaps of this run or of the run whose records were reused
+        heatmap = out / f"addition_{key}_coefficients.png"
+        if METHODS[key].heatmap and heatmap.is_file():
+            files[f"heatmap_{key}"] = str(heatmap)
+            files[f"coefficients_{key}"] = str(out / f"addition_{key}_coefficients.safetensors")
     sizes = {t: {"select": len(ctx.select[t]), "fit": len(ctx.fit[t]), "test": len(ctx.test[t])} for t in tasks}
     payload = {"config": {**asdict(config), "out": str(config.out), "bank": asdict(ctx.bank.config),
                           "tasks": list(tasks), "sizes": sizes},

@@ -26,29 +26,28 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from torch import nn
-
-from taskvec.compose import Composer
-from taskvec.control import NegationJob, control_kept, default_control, negation_score, suite_controls
+from taskvec.control import (
+    NegationJob,
+    control_kept,
+    default_control,
+    learn_negation,
+    negated_task_arithmetic,
+    negation_score,
+    suite_controls,
+)
 from taskvec.experiment import (
     RecordStore,
     add_config_arguments,
     config_from_args,
     fingerprint,
     grid,
-    history,
     plot_bars,
     run_grid,
 )
-from taskvec.merging import alpha_search
-from taskvec.objectives import negation
 from taskvec.report import markdown_table, plot_composer, publish
 from taskvec.suites import Suite, add_suite_arguments, make_suite, suite_from_args
-from taskvec.suites.multitask import suite_mixed_loader
-from taskvec.train import TrainConfig, fit
-from taskvec.workflow import DEFAULT_RESULTS, Evaluator, banks_table
+from taskvec.workflow import DEFAULT_RESULTS, Evaluator, banks_table, standard_and_linearized
 
 Outcome = tuple[tuple[float, float], dict]  # (target, control) test accuracy, details for the row
 __all__ = ["METHODS", "NegationConfig", "control_kept", "default_control", "negation_score", "run_negation"]
@@ -70,55 +69,20 @@ def _pretrained(job: NegationJob, config: NegationConfig, out: Path, key: str) -
 
 
 def _task_arithmetic(job: NegationJob, config: NegationConfig, out: Path, key: str) -> Outcome:
-    """One non-positive alpha on the target's vector (isotropic composer over the linearised suite)."""
-    vector = job.vector()
-    composer = Composer(job.base, [vector], "isotropic", linearized=True) if METHODS[key].linearized else None
-
-    def at(alpha: float) -> nn.Module:
-        if composer is None:
-            return vector.apply_to(job.base, alpha)
-        composer.coefficients.data.fill_(alpha)
-        return composer
-
-    best, table = alpha_search(lambda a: job.selection(at(a)), config.alpha_grid)
-    trace = [dict(alpha=a, score=s, **t) for (a, s), t in zip(table, job.trace, strict=True)]
-    chosen = next(t for t in trace if t["alpha"] == best)
-    model = at(best)
-    return job.test(model if composer is None else composer.merge()), {
-        "alpha": best, "alpha_table": trace, "target_val": chosen["target_val"], "control_val": chosen["control_val"],
-        "learned": 1}
+    model, detail = negated_task_arithmetic(job, config.alpha_grid, METHODS[key].linearized)
+    return job.test(model), {**detail, "learned": 1}
 
 
 def _atlas(job: NegationJob, config: NegationConfig, out: Path, key: str) -> Outcome:
-    """aTLAS block coefficients from 0 on the fitting parts, every batch half target, half control."""
-    linearized, stem = METHODS[key].linearized, out / f"negation_{job.target.name}_{key}"
-    composer = Composer(job.base, [job.vector()], "block", init=0.0, linearized=linearized)
-    loader = suite_mixed_loader(job.suite, [job.target.fit, job.control.fit], config.batch_size,
-                                steps=-(-len(job.target.fit) // config.batch_size), augmentation=config.augmentation)
-    checkpoint = Path(f"{stem}.ckpt")
-    result = fit(composer, negation(job.target.head, job.control.head, bound=config.bound),  # type: ignore[arg-type]
-                 loader, TrainConfig(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay,
-                                     warmup_fraction=0.0, seed=config.seed, progress=config.progress,
-                                     checkpoint=checkpoint, resume=config.resume,
-                                     description=f"negate {job.target.name}{' (lin)' if linearized else ''}"),
-                 evaluate=job.selection)
-    checkpoint.unlink(missing_ok=True)
-    epochs = [r.epoch for r in result.history]
-    trace = job.trace[-len(epochs):]  # a resumed run has fewer traced evaluations than history entries
-    chosen = {"target_val": None, "control_val": None}
-    for epoch, t in zip(epochs[-len(trace):], trace, strict=True):
-        if epoch == result.best_epoch:
-            chosen = t
-    coefficients = composer.coefficients.detach()
+    stem = out / f"negation_{job.target.name}_{key}"
+    composer, detail = learn_negation(job, config, linearized=METHODS[key].linearized,
+                                      checkpoint=Path(f"{stem}.ckpt"))
     test = job.test(composer.merge())
     path = Path(f"{stem}_coefficients.safetensors")
     composer.save_coefficients(path, extra={"recipe": "negation", "target": job.target.name})
     heatmap = plot_composer(composer, Path(f"{stem}_coefficients.png"),
                             title=f"{METHODS[key].label}: negating {job.target.name}")
-    return test, {"best_epoch": result.best_epoch, "history": history(result), "val_trace": trace, **chosen,
-                  "learned": composer.coefficients.numel(), "mean_coefficient": float(coefficients.mean()),
-                  "coefficient_range": [float(coefficients.min()), float(coefficients.max())],
-                  "coefficients": str(path), "heatmap": str(heatmap)}
+    return test, {**detail, "coefficients": str(path), "heatmap": str(heatmap)}
 
 
 METHODS: dict[str, Method] = {
@@ -194,13 +158,8 @@ def run_negation(config: NegationConfig | None = None, *, suite: Suite | None = 
         raise ValueError(f"targets and controls {missing} must be bank tasks {list(tasks)}")
     needed = sorted(wanted, key=tasks.index)
     started = time.perf_counter()
-    suites: dict[bool, Any] = {False: suite}
-    if any(METHODS[m].linearized for m in config.methods):
-        suites[True] = linear_suite or suites[False].linearized()
-        if not suites[True].bank.config.linearized:
-            raise ValueError(f"linear_suite's bank {suites[True].bank.root} was not built with linearized=True")
-    for each in suites.values():
-        each.bank.build(needed, progress=config.progress)
+    linearized = any(METHODS[m].linearized for m in config.methods)
+    suites = dict(enumerate(standard_and_linearized(suite, linear_suite, linearized, needed, config.progress)))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(config).items() if k not in ("targets", "methods", "out", "resume",
