@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from taskvec.adamerging import AdaMergingConfig
 from taskvec.compose import Composer
@@ -135,7 +136,7 @@ def _learned(granularity: str) -> Callable[[_Run, str], tuple[dict, Composer]]:
         if method.linearized:
             extra["normalized_by_standard_finetuned"] = {t: test[t] / run.ctx.finetuned[t] for t in use.tasks}
         extra["mean_coefficient_per_vector"] = per_vector_means(composer)
-        return _row(key, use, test, float(result.best_metric), tic, **extra), composer
+        return _row(key, use, test, float(result.best_metric), tic, **extra), composer  # type: ignore[arg-type]
 
     return learn
 
@@ -206,7 +207,7 @@ def run_addition(config: AdditionConfig | None = None, *, suite: Suite | None = 
     contexts = [SuiteMultiTaskData(s, tasks, config, evaluator) for s in suites]
     run = _Run(config, contexts[0], contexts[1] if len(contexts) > 1 else None, out)
 
-    def job(spec: dict) -> dict:
+    def job(spec: Mapping[str, Any]) -> dict:
         key = spec["method"]
         row, composer = METHODS[key].run(run, key)
         if composer is not None:
@@ -228,14 +229,10 @@ def _report(rows: list[dict], run: _Run, contexts: list[SuiteMultiTaskData], sta
                  "selection (val)": r["selection_acc"], "seconds": r["seconds"]} for r in rows]
     normalized = [{"method": r["method"], **{short[t]: r["normalized"][t] for t in tasks}, "avg": r["avg_normalized"]}
                   for r in rows]
-    choices = []
-    for r in rows:
-        if "alpha" in r:
-            choices.append(f"task arithmetic alpha = {r['alpha']:g}")
-        if "scale" in r:
-            choices.append(f"TIES scale = {r['scale']:g} (density {r['density']:g})")
-        if "best_epoch" in r:
-            choices.append(f"{r['method']}: epoch {r['best_epoch']} of {config.epochs}")
+    choices = [f"task arithmetic alpha = {r['alpha']:g}" if "alpha" in r
+               else f"TIES scale = {r['scale']:g} (density {r['density']:g})" if "scale" in r
+               else f"{r['method']}: epoch {r['best_epoch']} of {config.epochs}"
+               for r in rows if {"alpha", "scale", "best_epoch"} & set(r)]
     header = (
         f"Task addition over {len(tasks)} tasks ({', '.join(tasks)}) on {ctx.bank.config.label()}; selection on "
         f"{len(ctx.select[tasks[0]])} held-out validation images per task, coefficients fitted "
@@ -287,7 +284,6 @@ def _cli(args: argparse.Namespace) -> int:
     linear = (make_suite(args.suite, root=args.linear_bank_root, tasks=args.tasks, progress=config.progress,
                          linearized=True) if args.linear_bank_root else None)
     result = run_addition(config, suite=suite, linear_suite=linear)
-    print(result["table"])
-    print("\n" + "\n".join(f"{k}: {v}" for k, v in result["files"].items()))
-    print(f"total {result['seconds']:.0f} s")
+    files = "\n".join(f"{k}: {v}" for k, v in result["files"].items())
+    print(f"{result['table']}\n\n{files}\ntotal {result['seconds']:.0f} s")
     return 0

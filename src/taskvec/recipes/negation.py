@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from taskvec.control import (
     NegationJob,
@@ -151,15 +152,17 @@ def run_negation(config: NegationConfig | None = None, *, suite: Suite | None = 
     config = config or NegationConfig()
     suite = suite or make_suite("vision", progress=config.progress)
     tasks, (control, fallback) = tuple(suite.tasks), suite_controls(suite.name)
-    config = replace(config, targets=config.targets or tasks, control=config.control or control,
-                     fallback_control=config.fallback_control or fallback)
-    wanted = set(config.targets) | {default_control(t, config.control, config.fallback_control) for t in config.targets}
+    control, fallback = config.control or control, config.fallback_control or fallback
+    config = replace(config, targets=config.targets or tasks, control=control, fallback_control=fallback)
+    controls = {t: default_control(t, control, fallback) for t in config.targets}
+    wanted = set(config.targets) | set(controls.values())
     if missing := sorted(wanted - set(tasks)):
         raise ValueError(f"targets and controls {missing} must be bank tasks {list(tasks)}")
     needed = sorted(wanted, key=tasks.index)
     started = time.perf_counter()
     linearized = any(METHODS[m].linearized for m in config.methods)
     suites = dict(enumerate(standard_and_linearized(suite, linear_suite, linearized, needed, config.progress)))
+    # suites[False] is the standard suite, suites[True] the linearised one (bools index as 0 and 1)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(config).items() if k not in ("targets", "methods", "out", "resume",
@@ -168,9 +171,11 @@ def run_negation(config: NegationConfig | None = None, *, suite: Suite | None = 
                           fingerprint({**settings, "suites": [s.identity() for s in suites.values()]}), config.resume)
     jobs: dict[tuple[str, bool], NegationJob] = {}
 
-    def run(spec: dict) -> dict:
+    def run(spec: Mapping[str, Any]) -> dict:
         target, key = spec["target"], spec["method"]
-        control, linearized = default_control(target, config.control, config.fallback_control), METHODS[key].linearized
+        control, linearized = controls[target], METHODS[key].linearized
+        if any(t != target for t, _ in jobs):  # one target at a time: free the previous target's backbones
+            jobs.clear()
         if (target, linearized) not in jobs:
             jobs[target, linearized] = NegationJob(suites[linearized], target, control, evaluator=evaluator,
                                                    select_per_task=config.select_per_task,
@@ -260,7 +265,6 @@ def _cli(args: argparse.Namespace) -> int:
     linear = (make_suite(args.suite, root=args.linear_bank_root, progress=config.progress, linearized=True)
               if args.linear_bank_root else None)
     result = run_negation(config, suite=suite, linear_suite=linear)
-    print(result["table"])
-    print("\n" + "\n".join(f"{k}: {v}" for k, v in result["files"].items()))
-    print(f"total {result['seconds']:.0f} s")
+    files = "\n".join(f"{k}: {v}" for k, v in result["files"].items())
+    print(f"{result['table']}\n\n{files}\ntotal {result['seconds']:.0f} s")
     return 0
