@@ -11,14 +11,8 @@ import torch
 from test_recipe_addition import CONFIG, _is_test, _scrambling, on, recipe_banks
 
 from taskvec.bank import Bank
-from taskvec.recipes.negation import (
-    METHODS,
-    NegationConfig,
-    control_kept,
-    default_control,
-    negation_score,
-    run_negation,
-)
+from taskvec.control import control_kept, default_control, negation_score
+from taskvec.recipes.negation import METHODS, NegationConfig, run_negation
 from taskvec.suites.vision import VisionSuite
 
 TASKS = ("alpha", "beta", "gamma")

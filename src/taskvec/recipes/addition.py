@@ -25,34 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from taskvec import experiment, workflow
 from taskvec.adamerging import AdaMergingConfig
 from taskvec.compose import Composer
-from taskvec.experiment import (
-    RecordStore,
-    add_config_arguments,
-    config_from_args,
-    fingerprint,
-    grid,
-    history,
-    plot_bars,
-    run_grid,
-)
 from taskvec.report import markdown_table, plot_composer, publish
 from taskvec.suites import Suite, add_suite_arguments, make_suite, suite_from_args
 from taskvec.suites.multitask import SuiteMultiTaskData
-from taskvec.workflow import (
-    DEFAULT_RESULTS,
-    Evaluator,
-    MultiTaskSetup,
-    adamerge_tasks,
-    banks_table,
-    normalized_accuracy,
-    per_vector_means,
-    standard_and_linearized,
-    task_arithmetic_search,
-    ties_search,
-    train_multitask,
-)
 
 
 @dataclass
@@ -77,7 +55,7 @@ class Method:
 
 def _row(key: str, ctx: SuiteMultiTaskData, test: dict, selection: float, tic: float, **extra) -> dict:
     return {"key": key, "method": METHODS[key].label, "selection_acc": selection,
-            **normalized_accuracy(test, ctx.finetuned),
+            **workflow.normalized_accuracy(test, ctx.finetuned),
             "finetuned_reference": "linearised bank" if METHODS[key].linearized else "standard bank",
             "seconds": time.perf_counter() - tic, **extra}
 
@@ -90,7 +68,8 @@ def _pretrained(run: _Run, key: str) -> tuple[dict, None]:
 
 def _task_arithmetic(run: _Run, key: str) -> tuple[dict, None]:
     ctx, tic = run.ctx, time.perf_counter()
-    alpha, merged, table = task_arithmetic_search(ctx.base, ctx.vectors(), ctx.selection_score, run.config.alpha_grid)
+    alpha, merged, table = workflow.task_arithmetic_search(ctx.base, ctx.vectors(), ctx.selection_score,
+                                                           run.config.alpha_grid)
     selected = time.perf_counter() - tic
     return _row(key, ctx, ctx.test_scores(merged), dict(table)[alpha], tic, learned=1, alpha=alpha,
                 alpha_table=table, select_seconds=selected), None
@@ -98,8 +77,8 @@ def _task_arithmetic(run: _Run, key: str) -> tuple[dict, None]:
 
 def _ties(run: _Run, key: str) -> tuple[dict, None]:
     ctx, config, tic = run.ctx, run.config, time.perf_counter()
-    scale, merged, table = ties_search(ctx.base, ctx.vectors(), ctx.selection_score, config.ties_grid,
-                                       config.ties_density)
+    scale, merged, table = workflow.ties_search(ctx.base, ctx.vectors(), ctx.selection_score, config.ties_grid,
+                                                config.ties_density)
     selected = time.perf_counter() - tic
     return _row(key, ctx, ctx.test_scores(merged), dict(table)[scale], tic, learned=1, scale=scale,
                 density=config.ties_density, alpha_table=table, select_seconds=selected), None
@@ -110,13 +89,13 @@ def _adamerging(run: _Run, key: str) -> tuple[dict, Composer]:
     settings = AdaMergingConfig(granularity="layer", steps=config.adamerging_steps, lr=config.adamerging_lr,
                                 init=config.adamerging_init, clamp=config.adamerging_clamp, seed=config.seed,
                                 progress=config.progress)
-    composer = adamerge_tasks(ctx, settings, config.adamerging_batch_per_task, run.out / "addition_adamerging.ckpt",
-                              config.resume)
+    composer = workflow.adamerge_tasks(ctx, settings, config.adamerging_batch_per_task,
+                                       run.out / "addition_adamerging.ckpt", config.resume)
     merged, coefficients = composer.merge(), composer.coefficients.detach()
     selected = time.perf_counter() - tic
     return _row(key, ctx, ctx.test_scores(merged), ctx.selection_score(merged), tic, learned=coefficients.numel(),
                 train_seconds=selected, steps=config.adamerging_steps,
-                mean_coefficient_per_vector=per_vector_means(composer),
+                mean_coefficient_per_vector=workflow.per_vector_means(composer),
                 coefficient_range=[float(coefficients.min()), float(coefficients.max())]), composer
 
 
@@ -128,14 +107,14 @@ def _learned(granularity: str) -> Callable[[_Run, str], tuple[dict, Composer]]:
         use = run.lin if method.linearized else run.ctx
         assert use is not None
         composer = Composer(use.base, use.vectors(), granularity, init=run.config.init, linearized=method.linearized)
-        result = train_multitask(composer, use, run.config, method.label, run.out / f"addition_{key}.ckpt")
+        result = workflow.train_multitask(composer, use, run.config, method.label, run.out / f"addition_{key}.ckpt")
         selected = time.perf_counter() - tic
         test = use.test_scores(composer.merge())
         extra: dict = {"learned": composer.coefficients.numel(), "best_epoch": result.best_epoch,
-                       "history": history(result), "train_seconds": selected}
+                       "history": experiment.history(result), "train_seconds": selected}
         if method.linearized:
             extra["normalized_by_standard_finetuned"] = {t: test[t] / run.ctx.finetuned[t] for t in use.tasks}
-        extra["mean_coefficient_per_vector"] = per_vector_means(composer)
+        extra["mean_coefficient_per_vector"] = workflow.per_vector_means(composer)
         return _row(key, use, test, float(result.best_metric), tic, **extra), composer  # type: ignore[arg-type]
 
     return learn
@@ -153,9 +132,9 @@ METHODS: dict[str, Method] = {
 
 
 @dataclass
-class AdditionConfig(MultiTaskSetup):
-    """Settings (the multi-task learning ones are :class:`MultiTaskSetup`'s); the defaults are sized for a
-    2-core CPU (about 10 minutes when the machine is free)."""
+class AdditionConfig(workflow.MultiTaskSetup):
+    """Settings (the multi-task learning ones are :class:`~taskvec.workflow.MultiTaskSetup`'s); the defaults
+    are sized for a 2-core CPU (about 10 minutes when the machine is free)."""
 
     methods: tuple[str, ...] = field(default=tuple(METHODS), metadata={
         "help": "methods to run", "choices": list(METHODS), "metavar": "METHOD"})
@@ -170,7 +149,7 @@ class AdditionConfig(MultiTaskSetup):
     adamerging_init: float = field(default=0.3, metadata={"help": "AdaMerging initial coefficient"})
     adamerging_batch_per_task: int = field(default=8, metadata={"help": "AdaMerging test inputs per task per step"})
     adamerging_clamp: tuple[float, float] | None = (0.0, 1.0)
-    out: Path = field(default=DEFAULT_RESULTS / "addition", metadata={"help": "results directory"})
+    out: Path = field(default=workflow.DEFAULT_RESULTS / "addition", metadata={"help": "results directory"})
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -186,7 +165,7 @@ class AdditionConfig(MultiTaskSetup):
 
 
 def run_addition(config: AdditionConfig | None = None, *, suite: Suite | None = None,
-                 linear_suite: Suite | None = None, evaluator: Evaluator | None = None) -> dict:
+                 linear_suite: Suite | None = None, evaluator: workflow.Evaluator | None = None) -> dict:
     """Merge the suite's tasks by every method; returns the payload written to ``<out>/addition.json``.
 
     ``suite`` defaults to ``make_suite("vision")``; ``linear_suite`` (for ``atlas_lin``) to
@@ -198,12 +177,12 @@ def run_addition(config: AdditionConfig | None = None, *, suite: Suite | None = 
         raise ValueError(f"task addition merges at least two tasks; got {list(tasks)}")
     started = time.perf_counter()
     linearized = any(METHODS[m].linearized for m in config.methods)
-    suites = standard_and_linearized(suite, linear_suite, linearized, tasks, config.progress)
+    suites = workflow.standard_and_linearized(suite, linear_suite, linearized, tasks, config.progress)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(config).items() if k not in ("methods", "out", "resume", "progress")}
     identity = {**settings, "tasks": tasks, "suites": [s.identity() for s in suites]}
-    records = RecordStore(out / "addition_records.jsonl", fingerprint(identity), config.resume)
+    records = experiment.RecordStore(out / "addition_records.jsonl", experiment.fingerprint(identity), config.resume)
     contexts = [SuiteMultiTaskData(s, tasks, config, evaluator) for s in suites]
     run = _Run(config, contexts[0], contexts[1] if len(contexts) > 1 else None, out)
 
@@ -218,7 +197,7 @@ def run_addition(config: AdditionConfig | None = None, *, suite: Suite | None = 
                           title=f"{METHODS[key].label} coefficients, task addition")
         return row
 
-    rows = run_grid(grid(method=config.methods), job, records, key=lambda spec: spec["method"])
+    rows = experiment.run_grid(experiment.grid(method=config.methods), job, records, key=lambda spec: spec["method"])
     return _report(rows, run, contexts, started)
 
 
@@ -245,9 +224,9 @@ def _report(rows: list[dict], run: _Run, contexts: list[SuiteMultiTaskData], sta
         "fine-tuned accuracy)\n\n" + markdown_table(normalized),
         "Choices made on validation data: " + "; ".join(choices) + ".",
     ])
-    bars = plot_bars({r["method"]: r["avg_normalized"] for r in rows}, out / "addition_normalized.png",
-                     ylabel="normalised accuracy (avg over tasks)", title="Task addition",
-                     points={r["method"]: r["normalized"] for r in rows}, reference=1.0)
+    bars = experiment.plot_bars({r["method"]: r["avg_normalized"] for r in rows}, out / "addition_normalized.png",
+                                ylabel="normalised accuracy (avg over tasks)", title="Task addition",
+                                points={r["method"]: r["normalized"] for r in rows}, reference=1.0)
     files: dict[str, str] = {"bars": str(bars)}
     for key in config.methods:  # heatmaps of this run or of the run whose records were reused
         heatmap = out / f"addition_{key}_coefficients.png"
@@ -257,7 +236,7 @@ def _report(rows: list[dict], run: _Run, contexts: list[SuiteMultiTaskData], sta
     sizes = {t: {"select": len(ctx.select[t]), "fit": len(ctx.fit[t]), "test": len(ctx.test[t])} for t in tasks}
     payload = {"config": {**asdict(config), "out": str(config.out), "bank": asdict(ctx.bank.config),
                           "tasks": list(tasks), "sizes": sizes},
-               "banks": banks_table([c.bank for c in contexts]), "rows": rows,
+               "banks": workflow.banks_table([c.bank for c in contexts]), "rows": rows,
                "seconds": time.perf_counter() - started}
     return publish(out, "addition", payload, table, files)
 
@@ -270,7 +249,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         description="Merge every bank task into one backbone and evaluate each task with its own head. "
         "Choices are made on held-out validation samples; test splits are only reported.",
     )
-    add_config_arguments(parser, AdditionConfig, names={"progress": "--quiet"})
+    experiment.add_config_arguments(parser, AdditionConfig, names={"progress": "--quiet"})
     add_suite_arguments(parser)
     parser.add_argument("--tasks", nargs="+", default=None, help="tasks to merge (default: all of the suite's)")
     parser.add_argument("--linear-bank-root", type=Path, default=None,
@@ -279,7 +258,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    config = config_from_args(AdditionConfig, args)
+    config = experiment.config_from_args(AdditionConfig, args)
     suite = suite_from_args(args, progress=config.progress, tasks=args.tasks)
     linear = (make_suite(args.suite, root=args.linear_bank_root, tasks=args.tasks, progress=config.progress,
                          linearized=True) if args.linear_bank_root else None)

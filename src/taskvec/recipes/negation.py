@@ -28,30 +28,21 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from taskvec import experiment
 from taskvec.control import (
     NegationJob,
     control_kept,
     default_control,
     learn_negation,
     negated_task_arithmetic,
-    negation_score,
     suite_controls,
-)
-from taskvec.experiment import (
-    RecordStore,
-    add_config_arguments,
-    config_from_args,
-    fingerprint,
-    grid,
-    plot_bars,
-    run_grid,
 )
 from taskvec.report import markdown_table, plot_composer, publish
 from taskvec.suites import Suite, add_suite_arguments, make_suite, suite_from_args
 from taskvec.workflow import DEFAULT_RESULTS, Evaluator, banks_table, standard_and_linearized
 
 Outcome = tuple[tuple[float, float], dict]  # (target, control) test accuracy, details for the row
-__all__ = ["METHODS", "NegationConfig", "control_kept", "default_control", "negation_score", "run_negation"]
+__all__ = ["METHODS", "NegationConfig", "run_negation"]
 
 
 @dataclass(frozen=True)
@@ -167,8 +158,8 @@ def run_negation(config: NegationConfig | None = None, *, suite: Suite | None = 
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(config).items() if k not in ("targets", "methods", "out", "resume",
                                                                       "progress")}
-    records = RecordStore(out / "negation_records.jsonl",
-                          fingerprint({**settings, "suites": [s.identity() for s in suites.values()]}), config.resume)
+    identity = {**settings, "suites": [s.identity() for s in suites.values()]}
+    records = experiment.RecordStore(out / "negation_records.jsonl", experiment.fingerprint(identity), config.resume)
     jobs: dict[tuple[str, bool], NegationJob] = {}
 
     def run(spec: Mapping[str, Any]) -> dict:
@@ -194,8 +185,8 @@ def run_negation(config: NegationConfig | None = None, *, suite: Suite | None = 
         row["control_kept_test"] = control_kept(row["control_test"], row["pretrained_control_test"], config.fraction)
         return row
 
-    rows = run_grid(grid(target=config.targets, method=config.methods), run, records,
-                    key=lambda spec: f"{spec['target']}/{spec['method']}")
+    rows = experiment.run_grid(experiment.grid(target=config.targets, method=config.methods), run, records,
+                               key=lambda spec: f"{spec['target']}/{spec['method']}")
     return _report(rows, config, [s.bank for s in suites.values()], out, started)
 
 
@@ -232,10 +223,10 @@ def _report(rows: list[dict], config: NegationConfig, banks: list, out: Path, st
         "**Per target**: target / control test accuracy (%)\n\n" + markdown_table(per_target),
         "Choices made on validation data: " + "; ".join(choices) + ".",
     ])
-    bars = plot_bars({a["method"]: a["target (test)"] for a in averages}, out / "negation_target.png",
-                     ylabel="target test accuracy (lower is better)", title="Task negation",
-                     points={METHODS[m].label: {r["target"]: r["target_test"] for r in rows if r["key"] == m}
-                             for m in config.methods})
+    bars = experiment.plot_bars({a["method"]: a["target (test)"] for a in averages}, out / "negation_target.png",
+                                ylabel="target test accuracy (lower is better)", title="Task negation",
+                                points={METHODS[m].label: {r["target"]: r["target_test"] for r in rows if r["key"] == m}
+                                        for m in config.methods})
     payload = {"config": {**asdict(config), "out": str(config.out), "bank": asdict(banks[0].config)},
                "banks": banks_table(banks), "averages": averages, "rows": rows,
                "seconds": time.perf_counter() - started}
@@ -252,7 +243,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "its accuracy while a control task keeps >= 95% of the pre-trained model's accuracy. Choices are made on "
         "held-out validation samples.",
     )
-    add_config_arguments(parser, NegationConfig, names={"progress": "--quiet"})
+    experiment.add_config_arguments(parser, NegationConfig, names={"progress": "--quiet"})
     add_suite_arguments(parser)
     parser.add_argument("--linear-bank-root", type=Path, default=None,
                         help="linearised bank directory, for the _lin methods (default: next to the bank)")
@@ -260,7 +251,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    config = config_from_args(NegationConfig, args)
+    config = experiment.config_from_args(NegationConfig, args)
     suite = suite_from_args(args, progress=config.progress)
     linear = (make_suite(args.suite, root=args.linear_bank_root, progress=config.progress, linearized=True)
               if args.linear_bank_root else None)
