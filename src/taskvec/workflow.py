@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 DEFAULT_RESULTS = Path("runs")
 # accuracy(model, head, split, resolution, **norm): every score a recipe computes goes through one, so a
-# test can inject a spy (or a label scrambler) and prove which splits steer the choices.
+# test can inject a spy (or a label scrambler) and prove which splits steer the choices. Over a suite
+# (SuiteMultiTaskData, NegationJob) the call is evaluator(model, head, split), as suite.accuracy.
 Evaluator = Callable[..., float]
 
 
