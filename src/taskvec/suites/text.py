@@ -126,6 +126,9 @@ class TextBankConfig(BankConfig):
         mode = "-linear" if self.linearized else ""
         return f"text-{self.backbone}-{self.resolution}tok{mode}-{digest}"
 
+    def label(self) -> str:
+        return f"{self.backbone} @ {self.resolution} tokens"
+
 
 class TextSuite:
     """Text tasks on one sentence encoder; zero-shot heads; a bank built on first use (cached, resumable).

@@ -43,6 +43,15 @@ class VisionSuite:
     def tasks(self) -> tuple[str, ...]:
         return self._tasks
 
+    def linearized(self) -> VisionSuite:
+        """The same suite over the linearised bank of the same settings (vectors fine-tuned in tangent
+        space), a sibling of this bank's directory, as :meth:`TextSuite.linearized`."""
+        from dataclasses import replace
+
+        config = replace(self.bank.config, linearized=True)
+        bank = Bank(config, root=self.bank.root.parent / config.key(), loader=self.bank.loader)
+        return VisionSuite(bank, tasks=self._tasks, progress=self.progress)
+
     def build(self, tasks: Sequence[str] | None = None) -> None:
         self.bank.build(tuple(tasks or self._tasks), progress=self.progress)
 
