@@ -207,3 +207,57 @@ def test_cli_options(monkeypatch):
     assert config.epochs == 3 and config.selection == "objective" and not config.progress
     assert (config.ufm_threshold, config.trusted_k) == (0.9, 7)
     assert captured["suite"].name == "vision"
+
+
+transformers = pytest.importorskip("transformers")
+from test_suite_text import TINY, make_suite, tiny  # noqa: E402,F401 (tiny: a fixture)
+
+
+def test_suite_text_reaches_tta_with_every_objective_and_the_layernorm_baseline(tiny, tmp_path, monkeypatch):
+    """`--suite text` on the tiny generated encoder: aTLAS and the LN-affine row with all four objectives."""
+    import dataclasses
+
+    from taskvec import validate
+    from taskvec.cli import main
+    from taskvec.suites import text as text_suite
+
+    made = []
+
+    def factory(**kwargs):
+        kwargs.setdefault("root", tmp_path / "bank")
+        kwargs["config"] = dataclasses.replace(TINY, seed=kwargs.get("config", TINY).seed)
+        kwargs["tasks"] = ("alpha", "beta", "gamma")  # the fake tasks stand in for the suite's own
+        made.append(make_suite(tiny, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(text_suite, "TextSuite", factory)
+    monkeypatch.setattr(validate, "_tasks", lambda suite="vision": ["alpha", "beta", "gamma"])  # the fake tasks
+    monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "tta"
+    assert main(["run", "tta", "--suite", "text", "--targets", "gamma", "--epochs", "1", "--batch-size", "4",
+                 "--trusted-k", "1", "--quiet", "--out", str(out)]) == 0
+    suite = made[-1]
+    result = json.loads((out / "tta.json").read_text())
+    records = result["records"]
+    labels = {f"{t} + {o}" for t in ("aTLAS (block)", "LN affine") for o in ("Tent", "SAR", "SimCLR", "UFM")}
+    assert {r["method"] for r in records} == labels and len(records) == 8
+    assert result["suite"]["suite"] == "text"
+    base = suite.backbone()
+    head, test = suite.head("gamma"), suite.splits("gamma").test
+    expected = suite.scores(base, head, test)  # the zero-shot head on the pre-trained encoder
+    layer_norms = sum(p.numel() for m in base.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters())
+    blocks = sum(1 for _ in base.parameters())
+    for r in records:
+        assert r["pretrained_acc"] == pytest.approx(expected["acc"])
+        assert r["pretrained_balanced_acc"] == pytest.approx(expected["balanced_acc"])
+        assert r["change"] == pytest.approx(r["test_acc"] - expected["acc"])
+        assert r["adaptation_inputs"] == len(test) and r["classes"] == 3
+        assert r["detail"]["trainable"] == (layer_norms if r["tuned"] == "norm" else 2 * blocks)
+        assert all(loss == loss for loss in r["detail"]["losses"])  # finite: every objective ran on tokens
+    assert r["trusted_per_class"] == 1
+    moved = [r for r in records if r["tuned"] == "atlas" and r["detail"]["max_abs_coefficient"] > 0]
+    assert moved, "no objective moved a coefficient"
+    for r in records:  # leave-one-out: the target's own vector is not composed
+        assert set(r["detail"].get("mean_coefficient_per_vector", {"alpha": 0, "beta": 0})) == {"alpha", "beta"}
+    table = (out / "tta.md").read_text()
+    assert "| LN affine + UFM |" in table and "| pre-trained |" in table
