@@ -13,12 +13,12 @@ import torch
 
 import taskvec.recipes.tta as tta
 from taskvec.bank import Bank, BankConfig
+from taskvec.batching import unlabelled_loader
 from taskvec.data import ImageSet, Task
 from taskvec.evaluate import accuracy
 from taskvec.experiment import mean_se
-from taskvec.objectives import TrustedTargets
-from taskvec.batching import unlabelled_loader
 from taskvec.norm_tuning import norm_affine_model
+from taskvec.objectives import TrustedTargets
 from taskvec.recipes.tta import OBJECTIVES, TUNED, TTAConfig, run_tta
 from taskvec.suites.vision import VisionSuite
 
@@ -210,7 +210,10 @@ def test_cli_options(monkeypatch):
 
 
 transformers = pytest.importorskip("transformers")
-from test_suite_text import TINY, make_suite, tiny  # noqa: E402,F401 (tiny: a fixture)
+import test_suite_text  # noqa: E402
+from test_suite_text import TINY, make_suite  # noqa: E402
+
+tiny = test_suite_text.tiny  # the tiny generated BERT + word tokenizer (a fixture)
 
 
 def test_suite_text_reaches_tta_with_every_objective_and_the_layernorm_baseline(tiny, tmp_path, monkeypatch):

@@ -148,7 +148,10 @@ def test_vision_suite_inputs_are_the_image_functions_and_read_no_label():
 
 
 transformers = pytest.importorskip("transformers")
-from test_suite_text import fake_task, make_suite, tiny  # noqa: E402,F401 (tiny: a fixture)
+import test_suite_text  # noqa: E402
+from test_suite_text import fake_task, make_suite  # noqa: E402
+
+tiny = test_suite_text.tiny  # the tiny generated BERT + word tokenizer (a fixture)
 
 
 class TextNoLabels(TextSet):
@@ -183,7 +186,8 @@ def test_text_suite_loader_batches_the_tokenizers_padding_and_reads_no_label(tin
     assert sorted(seen) == list(range(len(texts)))  # one pass over every text
     trusted = (torch.tensor([0, 4, 8]), torch.tensor([0, 1, 2]))
     pseudo = {0: 0, 4: 1, 8: 2}
-    batches = list(suite.unlabelled_loader(split, batch_size=4, trusted=trusted).epoch(torch.Generator().manual_seed(0)))
+    loader = suite.unlabelled_loader(split, batch_size=4, trusted=trusted)
+    batches = list(loader.epoch(torch.Generator().manual_seed(0)))
     assert len(batches) == 5  # 9 untrusted texts, 2 per batch
     for x, targets in batches:
         assert isinstance(targets, TrustedTargets) and len(targets) == len(x)

@@ -1,18 +1,16 @@
 """Test-time adaptation (aTLAS section 4.3) on any suite: unlabelled test inputs only.
 
-Per target, the bank holds the *other* tasks' vectors (leave-one-out: the target's own vector would leak
-its labels); the frozen head comes from the suite (a probe on vision, the class-name zero-shot head on
-text). Adaptation sees the test inputs through ``suite.unlabelled`` (labels all -1); labels are read once
-per model, by the final scoring. Trained (``--tuned``): ``atlas``, block coefficients from 0 (AdamW 1e-2:
-unsupervised objectives drift, so ten times below few-shot's 0.1); ``norm``, the Tent/SAR baseline, the
-normalisation affines (BN on a CNN, LN on a transformer: the paper's "LN" row) with statistics frozen, SGD
-momentum 0.9 at Tent's 2.5e-4. Objectives (``--objectives``): Tent (entropy), SAR, SimCLR (NT-Xent of two
-strong views on the features: a head's C logits are too few to contrast) and UFM (the weak view's
-prediction trains the strong view; half of every batch from the trusted set, the pre-trained model's k
-most confident inputs per class). Views come from ``suite.augment_inputs`` on torch's global generator,
-which ``fit`` reseeds per epoch. Selection reads no label: the last epoch (``fixed``) or the lowest
-objective in a fixed-seed pass (``objective``); aTLAS's code picks the best *test* epoch, this does not.
-Report: change from the pre-trained model, accuracy and balanced accuracy, a label-free collapse check.
+Per target the bank holds the *other* tasks' vectors (the target's own would leak its labels); the frozen
+head comes from the suite (a probe on vision, the zero-shot head on text). Adaptation holds the test inputs
+through ``suite.unlabelled`` (labels -1); labels are read once per model, by the final scoring. Trained:
+``atlas`` block coefficients from 0 (AdamW 1e-2: unsupervised objectives drift, so ten times below few-shot's
+0.1), or the Tent/SAR baseline ``norm``, the normalisation affines (BN on a CNN, LN on a transformer: the
+paper's "LN" row), statistics frozen, Tent's SGD. Objectives: Tent, SAR, SimCLR (two strong views, on the
+features: C logits are too few to contrast) and UFM (the weak view trains the strong one; half of every
+batch from the trusted set, the pre-trained model's k most confident inputs per class); views come from
+``suite.augment_inputs`` on the global generator that ``fit`` reseeds per epoch. Selection reads no label:
+last epoch, or lowest objective in a fixed-seed pass (aTLAS's code picks the best *test* epoch). Report:
+change from pre-trained, accuracy and balanced accuracy, a label-free collapse check.
 """
 
 from __future__ import annotations
@@ -35,15 +33,13 @@ from taskvec.norm_tuning import norm_affine_model, norm_label, norm_sgd
 from taskvec.objectives import default_trusted_k, entropy, sar, simclr, trusted_set, ufm, unlabelled_selection
 from taskvec.suites import Suite, add_suite_arguments, make_suite, suite_from_args
 from taskvec.train import LossFn, TrainConfig, fit
-from taskvec.workflow import DEFAULT_RESULTS
-
-View = Callable[[str], Callable[[Tensor], Tensor]]  # strength -> augment(x)
+from taskvec.workflow import DEFAULT_RESULTS, coefficient_summary
 
 
 @dataclass(frozen=True)
 class Objective:
     label: str
-    make: Callable[[nn.Module, TTAConfig, View], LossFn]  # (frozen head, config, views) -> loss
+    make: Callable[[nn.Module, TTAConfig, Callable], LossFn]  # (frozen head, config, strength -> view) -> loss
     trusted: bool = False  # batches carry UFM's trusted stream
 
 
@@ -68,6 +64,7 @@ TUNED: dict[str, Tuned] = {
     "norm": Tuned(norm_label, lambda base, vectors: norm_affine_model(base),
                   lambda c: (c.norm_lr, norm_sgd(c.norm_lr, c.weight_decay) if c.norm_optimizer == "sgd" else None)),
 }
+PRETRAINED = ("pretrained_acc", "pretrained_balanced_acc")
 _RUN_ONLY = ("targets", "objectives", "tuned", "seeds", "out", "resume", "progress")  # not in the fingerprint
 
 
@@ -87,18 +84,15 @@ class TTAConfig:
     batch_size: int = option(64, "inputs per batch", min=2)
     atlas_lr: float = option(1e-2, "coefficient learning rate (AdamW)", min=0.0)
     norm_lr: float = option(2.5e-4, "normalisation-affine learning rate", min=0.0)
-    norm_optimizer: str = option("sgd", "normalisation-affine optimiser: SGD momentum 0.9 (Tent, SAR) or AdamW",
-                                 choices=["sgd", "adamw"])
+    norm_optimizer: str = option("sgd", "norm-affine optimiser: SGD momentum 0.9 as Tent", choices=["sgd", "adamw"])
     weight_decay: float = option(0.0, "weight decay", min=0.0)
     selection: str = option("fixed", "last epoch, or lowest unlabelled objective", choices=["fixed", "objective"])
-    max_inputs: int | None = option(None, "adapt on a seeded subset of at most this many test inputs; score all",
-                                    min=2)
+    max_inputs: int | None = option(None, "adapt on a seeded subset of this many test inputs; score all", min=2)
     sar_rho: float = option(0.05, "SAR: neighbourhood radius", min=0.0)
     sar_margin: float | None = option(None, "SAR: entropy margin (None: 0.4 ln C)")
     simclr_temperature: float = option(0.5, "SimCLR: NT-Xent temperature", min=1e-6)
     simclr_projection: str = option("features", "SimCLR embedding", choices=["features", "head"])
-    ufm_threshold: float = option(0.99, "UFM: weak-view confidence above which an untrusted input is pseudo-labelled",
-                                  min=0.0)
+    ufm_threshold: float = option(0.99, "UFM: weak-view confidence that makes a pseudo-label (< 1)", min=0.0)
     trusted_k: int | None = option(None, "UFM: trusted inputs per class (None: aTLAS's min(N / C / 10, 100))", min=1)
     out: Path = field(default=DEFAULT_RESULTS / "tta", metadata={"help": "results directory"})
     resume: bool = option(True, "recompute runs already recorded under the same settings")
@@ -132,10 +126,7 @@ def adapt(tuned: str, objective: str, base: nn.Module, vectors: Sequence, head: 
     }
     if not isinstance(model, Composer):
         return model.eval(), detail
-    coefficients = model.coefficients.detach()
-    detail["mean_coefficient_per_vector"] = dict(zip(model.vector_names, coefficients.mean(1).tolist(), strict=True))
-    detail["max_abs_coefficient"] = float(coefficients.abs().max())
-    return model.merge(), detail
+    return model.merge(), detail | coefficient_summary(model)
 
 
 def run_tta(config: TTAConfig | None = None, *, suite: Suite | None = None,
@@ -152,9 +143,8 @@ def run_tta(config: TTAConfig | None = None, *, suite: Suite | None = None,
     suite.build(tasks)  # type: ignore[attr-defined]
     base = suite.backbone()
     labels = {f"{t}+{o}": f"{TUNED[t].label(base)} + {OBJECTIVES[o].label}" for t in TUNED for o in OBJECTIVES}
-    settings = {k: v for k, v in asdict(config).items() if k not in _RUN_ONLY}
-    store = ex.RecordStore(config.out / "tta_records.jsonl",
-                           ex.fingerprint({**settings, "suite": suite.identity()}), config.resume)
+    settings = {k: v for k, v in asdict(config).items() if k not in _RUN_ONLY} | {"suite": suite.identity()}
+    store = ex.RecordStore(config.out / "tta_records.jsonl", ex.fingerprint(settings), config.resume)
 
     @functools.cache
     def target_data(target: str) -> tuple:
@@ -167,8 +157,7 @@ def run_tta(config: TTAConfig | None = None, *, suite: Suite | None = None,
     def adaptation_pool(target: str, seed: int) -> tuple:
         head, test = target_data(target)[:2]
         pool = seeded_subset(suite.unlabelled(test), config.max_inputs, seed)
-        logits = suite.logits(base, head, pool)
-        classes = logits.shape[1]
+        classes = (logits := suite.logits(base, head, pool)).shape[1]
         k = min(config.trusted_k or default_trusted_k(len(pool), classes), len(pool) // classes)
         return pool, trusted_set(logits, k), classes
 
@@ -177,8 +166,7 @@ def run_tta(config: TTAConfig | None = None, *, suite: Suite | None = None,
         pool, trusted, classes = adaptation_pool(job["target"], job["seed"])
         tic = time.perf_counter()
         model, detail = adapt(tuned, objective, base, vectors, head, pool, suite, config, job["seed"], trusted)
-        seconds = time.perf_counter() - tic
-        logits = suite.logits(model, head, suite.unlabelled(test))
+        seconds, logits = time.perf_counter() - tic, suite.logits(model, head, suite.unlabelled(test))
         after = scorer(logits, test)
         return {**job, "key": job["method"], "tuned": tuned, "objective": objective, "method": labels[job["method"]],
                 "classes": classes, "pretrained_acc": pre["acc"], "pretrained_balanced_acc": pre["balanced_acc"],
@@ -193,8 +181,8 @@ def run_tta(config: TTAConfig | None = None, *, suite: Suite | None = None,
     change = summary["change"]
     plot = ex.plot_bars({m: 100 * per["average"]["mean"] for m, per in change.items()}, config.out / "tta_change.png",
                         points={m: {t: 100 * per[t]["mean"] for t in targets} for m, per in change.items()},
-                        reference=0.0, ylabel="accuracy change from pre-trained (pp)",
-                        title=f"Test-time adaptation ({suite.name}): mean change over targets (points: per target)")
+                        reference=0.0, ylabel="accuracy change from pre-trained (pp)", title=f"TTA on {suite.name}: "
+                        "mean change over targets (points: per target)")
     payload: dict = ex.json_safe({
         "config": {**asdict(config), "targets": list(targets)}, "suite": suite.identity(),
         "pretrained": {r["target"]: r["pretrained_acc"] for r in records}, "records": records, "summary": summary,
@@ -208,8 +196,7 @@ def report(records: Sequence[dict], targets: Sequence[str], tasks: Sequence[str]
     """The tables and their statistics ``summary[number][method][target or "average"]``: per target mean +-
     s.e. over seeds; the average is per seed the mean over targets, then mean +- s.e. over seeds."""
     methods, columns = list(dict.fromkeys(r["method"] for r in records)), [*targets, "average"]
-    summary = ex.summarize_by_method(records, ["change", "test_acc", "balanced_acc", "pretrained_acc",
-                                               "pretrained_balanced_acc"])
+    summary = ex.summarize_by_method(records, ["change", "test_acc", "balanced_acc", *PRETRAINED])
 
     def cell(key: str, method: str, column: str, sign: str = "") -> str:
         return ex.format_mean_se(summary[key][method].get(column), sign=sign)
@@ -218,22 +205,21 @@ def report(records: Sequence[dict], targets: Sequence[str], tasks: Sequence[str]
                     "s/run": f"{ex.mean_se([r['seconds'] for r in records if r['method'] == m])[0]:.0f}"}
                    for m in methods]
     acc_rows = [{"method": name, **{c: f"{cell(acc, m, c)} ({cell(balanced, m, c)})" for c in columns}}
-                for name, m, acc, balanced in [("pre-trained", methods[0], "pretrained_acc", "pretrained_balanced_acc"),
+                for name, m, acc, balanced in [("pre-trained", methods[0], *PRETRAINED),
                                                *((m, m, "test_acc", "balanced_acc") for m in methods)]]
     spread_rows = [{"method": name, **{t: "{} · {:.2f}".format(
         min(s["classes_predicted"] for s in found), sum(s["marginal_entropy"] for s in found) / len(found))
         for t in targets if (found := [r[key] for r in records if r["target"] == t and m in (None, r["method"])])}}
         for name, m, key in [("pre-trained", None, "pretrained_spread"), *((m, m, "spread") for m in methods)]]
     classes = ", ".join(f"{t}: {next(r['classes'] for r in records if r['target'] == t)}" for t in targets)
-    header = (
+    return "\n".join([
         f"Test-time adaptation on unlabelled test inputs ({', '.join(targets)}), {suite_name} suite, bank without "
         f"the target (leave-one-out over {list(tasks)}), target head from the suite. {config.epochs} epochs, batch "
         f"{config.batch_size}, lr {config.atlas_lr:g} (aTLAS) / {config.norm_lr:g} ({config.norm_optimizer}, norm "
         f"affine), selection: {config.selection} (no labels); seeds {list(config.seeds)}; adaptation inputs per "
         f"target {sorted({r['adaptation_inputs'] for r in records})}."
-        + ("" if set(targets) == set(tasks) else f" **Subset of targets** (all: `--targets {' '.join(tasks)}`)."))
-    return "\n".join([
-        header, "", "Accuracy change from the pre-trained model (percentage points; ± s.e. over seeds when > 1):", "",
+        + ("" if set(targets) == set(tasks) else f" **Subset of targets** (all: `--targets {' '.join(tasks)}`)."),
+        "", "Accuracy change from the pre-trained model (percentage points; ± s.e. over seeds when > 1):", "",
         ex.markdown_table(change_rows, ["method", *columns, "s/run"]), "",
         "Test accuracy (%), balanced accuracy (%) in parentheses:", "",
         ex.markdown_table(acc_rows, ["method", *columns]), "",
@@ -256,10 +242,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 def _cli(args: argparse.Namespace) -> int:
     config = ex.config_from_args(TTAConfig, args)
     result = run_tta(config, suite=suite_from_args(args, progress=config.progress))
-    print(result["table"])
-    print(f"\nresults: {result['files']['json']}\ntable:   {result['files']['markdown']}")
-    print(f"plot:    {result['files']['plot']}\ntotal {result['seconds']:.0f} s")
+    files = result["files"]
+    print(f"{result['table']}\n\nresults: {files['json']}\ntable:   {files['markdown']}\nplot:    {files['plot']}\n"
+          f"total {result['seconds']:.0f} s")
     return 0
-
-
-__all__ = ["OBJECTIVES", "TUNED", "TTAConfig", "adapt", "prediction_spread", "register_cli", "report", "run_tta"]
