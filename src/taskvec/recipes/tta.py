@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,7 +140,7 @@ def run_tta(config: TTAConfig | None = None, *, suite: Suite | None = None,
     if not set(targets) <= set(tasks) or len(tasks) < 2:
         raise ValueError(f"targets {list(targets)} must be bank tasks of the {suite.name} suite {list(tasks)} "
                          "(a target's head comes from it; leave-one-out needs two tasks)")
-    suite.build(tasks)  # type: ignore[attr-defined]
+    suite.build(tasks)  # type: ignore[union-attr]
     base = suite.backbone()
     labels = {f"{t}+{o}": f"{TUNED[t].label(base)} + {OBJECTIVES[o].label}" for t in TUNED for o in OBJECTIVES}
     settings = {k: v for k, v in asdict(config).items() if k not in _RUN_ONLY} | {"suite": suite.identity()}
@@ -161,7 +161,7 @@ def run_tta(config: TTAConfig | None = None, *, suite: Suite | None = None,
         k = min(config.trusted_k or default_trusted_k(len(pool), classes), len(pool) // classes)
         return pool, trusted_set(logits, k), classes
 
-    def run_job(job: dict) -> dict:
+    def run_job(job: Mapping[str, Any]) -> dict:
         (tuned, objective), (head, test, vectors, pre, spread) = job["method"].split("+"), target_data(job["target"])
         pool, trusted, classes = adaptation_pool(job["target"], job["seed"])
         tic = time.perf_counter()
@@ -183,7 +183,7 @@ def run_tta(config: TTAConfig | None = None, *, suite: Suite | None = None,
                         points={m: {t: 100 * per[t]["mean"] for t in targets} for m, per in change.items()},
                         reference=0.0, ylabel="accuracy change from pre-trained (pp)", title=f"TTA on {suite.name}: "
                         "mean change over targets (points: per target)")
-    payload: dict = ex.json_safe({
+    payload: Any = ex.json_safe({
         "config": {**asdict(config), "targets": list(targets)}, "suite": suite.identity(),
         "pretrained": {r["target"]: r["pretrained_acc"] for r in records}, "records": records, "summary": summary,
         "plot": str(plot), "seconds": time.perf_counter() - started})
