@@ -383,3 +383,10 @@ def learn_atlas(
         zip(composer.vector_names, coefficients.mean(1).tolist(), strict=True))
     detail["max_abs_coefficient"] = float(coefficients.abs().max())
     return composer.merge(), selection, detail
+
+
+def coefficient_summary(composer: Composer) -> dict:
+    """What a report keeps of learned coefficients: the mean per vector and the largest magnitude."""
+    coefficients = composer.coefficients.detach()
+    return {"mean_coefficient_per_vector": dict(zip(composer.vector_names, coefficients.mean(1).tolist(), strict=True)),
+            "max_abs_coefficient": float(coefficients.abs().max())}

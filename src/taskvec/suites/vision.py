@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
-from taskvec.batching import image_loader
+from taskvec.batching import image_loader, unlabelled, unlabelled_loader
 from taskvec.data import ImageSet, augment
 from taskvec.evaluate import accuracy, balanced_accuracy, features, logits
 from taskvec.train import Loader
@@ -95,6 +96,21 @@ class VisionSuite:
 
     def augment(self, x, generator, strength: str):
         return augment(x, generator, strength, **self.norm)
+
+    def augment_inputs(self, x: Tensor, generator: torch.Generator | None, strength: str) -> Tensor:
+        """A view of a normalised image batch (:func:`taskvec.data.augment` with the backbone's norm);
+        ``generator=None`` draws from torch's global generator, which ``fit`` reseeds every epoch."""
+        return augment(x, generator, strength, **self.norm)
+
+    def unlabelled(self, split: ImageSet) -> ImageSet:
+        """The split's images without their labels (all -1): what test-time adaptation may hold."""
+        return unlabelled(split.images)
+
+    def unlabelled_loader(self, split: ImageSet, *, batch_size: int,
+                          trusted: tuple[Tensor, Tensor] | None = None) -> Loader:
+        """Shuffled input batches of the split's images, no labels (UFM: two streams, see
+        :func:`taskvec.batching.index_loader`)."""
+        return unlabelled_loader(split.images, self._resolution, self.norm, batch_size, trusted)
 
     def accuracy(self, model: nn.Module, head: nn.Module, split: ImageSet) -> float:
         return accuracy(model, head, split, self._resolution, **self.norm)
