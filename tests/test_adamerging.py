@@ -95,3 +95,21 @@ def test_adamerging_config_is_checked_before_any_work():
     base, vectors, heads, inputs = _setup()
     with pytest.raises(ValueError, match="one head per vector"):
         adamerge(base, vectors, heads[:1], _loader(inputs), AdaMergingConfig(progress=False))
+
+
+def test_multitask_entropy_takes_inputs_of_different_shapes():
+    """Token batches are padded per task, so tasks' inputs differ in length: each gets its own pass."""
+
+    class MeanPool(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(3, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, 3) -> (B, 5), any L
+            return self.proj(x).mean(1)
+
+    torch.manual_seed(0)
+    model, heads = MeanPool(), [nn.Linear(5, 4), nn.Linear(5, 3)]
+    batch = [torch.randn(4, 7, 3), torch.randn(2, 11, 3)]
+    expected = sum(_entropy(h(model(x))).mean() for h, x in zip(heads, batch, strict=True))
+    assert torch.allclose(multitask_entropy(heads)(model, batch), expected)

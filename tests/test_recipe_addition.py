@@ -15,8 +15,8 @@ from taskvec.bank import Bank, BankConfig
 from taskvec.batching import mixed_loader, split_validation
 from taskvec.compose import Composer
 from taskvec.data import ImageSet, to_input
-from taskvec.evaluate import accuracy
 from taskvec.recipes.addition import METHODS, AdditionConfig, run_addition
+from taskvec.suites.vision import VisionSuite
 from taskvec.workflow import bank_and_norm
 
 TASKS = ("alpha", "beta", "gamma")
@@ -40,9 +40,14 @@ def banks(tmp_path_factory) -> tuple[Bank, Bank]:
     return recipe_banks(tmp_path_factory)
 
 
+def on(banks: tuple[Bank, Bank], tasks=TASKS) -> dict:
+    """The recipes' suite arguments over the tiny banks: the standard suite and its linearised twin."""
+    return {"suite": VisionSuite(banks[0], tasks=tasks), "linear_suite": VisionSuite(banks[1], tasks=tasks)}
+
+
 def small(out, **changes) -> AdditionConfig:
     settings = dict(select_per_task=8, fit_per_task=16, epochs=2, batch_per_task=4, adamerging_steps=3,
-                    alpha_grid=(0.0, 0.5, 1.0), ties_grid=(0.0, 1.0), bank=CONFIG, out=out, progress=False)
+                    alpha_grid=(0.0, 0.5, 1.0), ties_grid=(0.0, 1.0), out=out, progress=False)
     settings.update(changes)
     return AdditionConfig(**settings)
 
@@ -83,13 +88,13 @@ def _is_test(split, tests) -> bool:
     return any(len(split) == len(t) and torch.equal(split.images, t.images) for t in tests.values())
 
 
-def _scrambling(tests):
+def _scrambling(tests, suite):
     """An evaluator that scores every test split against wrong labels (each label shifted by one class)."""
 
-    def evaluate(model, head, split, *args, **kwargs):
+    def evaluate(model, head, split):
         if _is_test(split, tests):
             split = ImageSet(split.images, (split.labels + 1) % (int(split.labels.max()) + 1))
-        return accuracy(model, head, split, *args, **kwargs)
+        return suite.accuracy(model, head, split)
 
     return evaluate
 
@@ -100,12 +105,14 @@ def test_addition_end_to_end(banks, tmp_path):
     tests = {t: synthetic.loader(t, seed=CONFIG.seed).test for t in TASKS}
     seen: list = []
 
-    def spy(model, head, split, *args, **kwargs):  # injected: every accuracy the recipe computes
+    suites = on(banks)
+
+    def spy(model, head, split):  # injected: every accuracy the recipe computes
         seen.append(split)
-        return accuracy(model, head, split, *args, **kwargs)
+        return suites["suite"].accuracy(model, head, split)
 
     config = small(tmp_path / "run")
-    result = run_addition(config, bank=standard, linear_bank=linear, tasks=TASKS, evaluator=spy)
+    result = run_addition(config, **suites, evaluator=spy)
 
     # Every split scored but the test splits is a held-out selection part of a validation split.
     selection = [split for split in seen if not _is_test(split, tests)]
@@ -164,15 +171,14 @@ def test_addition_end_to_end(banks, tmp_path):
     composer.load_coefficients(out / "addition_atlas_coefficients.safetensors")
 
     # Seeds reproduce: a fresh run (no resume) in another directory gives the same numbers...
-    again = run_addition(small(tmp_path / "again", methods=("ties", "adamerging", "atlas")), bank=standard,
-                         linear_bank=linear, tasks=TASKS)
+    again = run_addition(small(tmp_path / "again", methods=("ties", "adamerging", "atlas")), **on(banks))
     for row in again["rows"]:
         assert row["test_acc"] == rows[row["key"]]["test_acc"]
 
     # Test labels steer nothing: with every test split scored against wrong labels, every choice and
     # every learned coefficient is the same (only the reported test accuracies change).
     blind = run_addition(small(tmp_path / "blind", methods=("task_arithmetic", "ties", "adamerging", "atlas")),
-                         bank=standard, linear_bank=linear, tasks=TASKS, evaluator=_scrambling(tests))
+                         **suites, evaluator=_scrambling(tests, suites["suite"]))
     for row in blind["rows"]:
         mine = rows[row["key"]]
         for field in ("alpha", "scale", "best_epoch", "selection_acc", "coefficient_range"):
@@ -187,13 +193,13 @@ def test_addition_end_to_end(banks, tmp_path):
     def refuse(*args, **kwargs):
         pytest.fail("a finished method was evaluated again")
 
-    resumed = run_addition(config, bank=standard, linear_bank=linear, tasks=TASKS, evaluator=refuse)
+    resumed = run_addition(config, **on(banks), evaluator=refuse)
     assert [r["test_acc"] for r in resumed["rows"]] == [r["test_acc"] for r in result["rows"]]
 
 
 def test_addition_rejects_bad_settings(banks, tmp_path):
     standard, _ = banks
     with pytest.raises(ValueError, match="methods"):
-        run_addition(small(tmp_path, methods=("nope",)), bank=standard, tasks=TASKS)
+        run_addition(small(tmp_path, methods=("nope",)), suite=VisionSuite(standard, tasks=TASKS))
     with pytest.raises(ValueError, match="at least two"):
-        run_addition(small(tmp_path), bank=standard, tasks=("alpha",))
+        run_addition(small(tmp_path), suite=VisionSuite(standard, tasks=("alpha",)))

@@ -8,18 +8,12 @@ import json
 import pytest
 import synthetic
 import torch
-from test_recipe_addition import CONFIG, _is_test, _scrambling, recipe_banks
+from test_recipe_addition import CONFIG, _is_test, _scrambling, on, recipe_banks
 
 from taskvec.bank import Bank
-from taskvec.evaluate import accuracy
-from taskvec.recipes.negation import (
-    METHODS,
-    NegationConfig,
-    control_kept,
-    default_control,
-    negation_score,
-    run_negation,
-)
+from taskvec.control import control_kept, default_control, negation_score
+from taskvec.recipes.negation import METHODS, NegationConfig, run_negation
+from taskvec.suites.vision import VisionSuite
 
 TASKS = ("alpha", "beta", "gamma")
 
@@ -61,7 +55,7 @@ def test_default_control():
 
 def small(out, **changes) -> NegationConfig:
     settings = dict(targets=("beta", "gamma"), control="beta", fallback_control="alpha", select_per_task=10,
-                    fit_per_task=14, epochs=2, batch_size=7, lr=0.2, alpha_grid=(0.0, -1.0, -3.0), bank=CONFIG,
+                    fit_per_task=14, epochs=2, batch_size=7, lr=0.2, alpha_grid=(0.0, -1.0, -3.0),
                     out=out, progress=False)
     settings.update(changes)
     return NegationConfig(**settings)
@@ -73,12 +67,14 @@ def test_negation_end_to_end(banks, tmp_path):
     tests = {t: d.test for t, d in data.items()}
     seen: list = []
 
-    def spy(model, head, split, *args, **kwargs):  # injected: every accuracy the recipe computes
+    suites = on(banks)
+
+    def spy(model, head, split):  # injected: every accuracy the recipe computes
         seen.append(split)
-        return accuracy(model, head, split, *args, **kwargs)
+        return suites["suite"].accuracy(model, head, split)
 
     config = small(tmp_path / "run")
-    result = run_negation(config, bank=standard, linear_bank=linear, tasks=TASKS, evaluator=spy)
+    result = run_negation(config, **suites, evaluator=spy)
     seen = [split for split in seen if not _is_test(split, tests)]
 
     # Selection only ever looked at held-out validation images, never at a test split.
@@ -126,7 +122,7 @@ def test_negation_end_to_end(banks, tmp_path):
 
     # Seeds reproduce: a fresh run elsewhere gives the same numbers for the methods it repeats.
     again = run_negation(small(tmp_path / "again", targets=("gamma",), methods=("task_arithmetic", "atlas")),
-                         bank=standard, linear_bank=linear, tasks=TASKS)
+                         **on(banks))
     first = {(r["target"], r["key"]): r for r in rows}
     for r in again["rows"]:
         assert (r["target_test"], r["control_test"]) == (first[r["target"], r["key"]]["target_test"],
@@ -134,7 +130,7 @@ def test_negation_end_to_end(banks, tmp_path):
 
     # Test labels steer nothing: scored against wrong test labels, every choice is the same.
     blind = run_negation(small(tmp_path / "blind", targets=("gamma",), methods=("task_arithmetic", "atlas")),
-                         bank=standard, linear_bank=linear, tasks=TASKS, evaluator=_scrambling(tests))
+                         **suites, evaluator=_scrambling(tests, suites["suite"]))
     for r in blind["rows"]:
         mine = first[r["target"], r["key"]]
         for field in ("alpha", "best_epoch", "target_val", "control_val"):
@@ -145,8 +141,8 @@ def test_negation_end_to_end(banks, tmp_path):
 def test_negation_rejects_bad_settings(banks, tmp_path):
     standard, _ = banks
     with pytest.raises(ValueError, match="alpha grid"):
-        run_negation(small(tmp_path, alpha_grid=(-1.0, -2.0)), bank=standard, tasks=TASKS)
+        run_negation(small(tmp_path, alpha_grid=(-1.0, -2.0)), suite=VisionSuite(standard, tasks=TASKS))
     with pytest.raises(ValueError, match="alpha grid"):
-        run_negation(small(tmp_path, alpha_grid=(0.0, 0.5)), bank=standard, tasks=TASKS)
+        run_negation(small(tmp_path, alpha_grid=(0.0, 0.5)), suite=VisionSuite(standard, tasks=TASKS))
     with pytest.raises(ValueError, match="must be bank tasks"):
-        run_negation(small(tmp_path, targets=("delta",)), bank=standard, tasks=TASKS)
+        run_negation(small(tmp_path, targets=("delta",)), suite=VisionSuite(standard, tasks=TASKS))

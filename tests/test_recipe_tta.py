@@ -13,11 +13,14 @@ import torch
 
 import taskvec.recipes.tta as tta
 from taskvec.bank import Bank, BankConfig
+from taskvec.batching import unlabelled_loader
 from taskvec.data import ImageSet, Task
 from taskvec.evaluate import accuracy
 from taskvec.experiment import mean_se
+from taskvec.norm_tuning import norm_affine_model
 from taskvec.objectives import TrustedTargets
-from taskvec.recipes.tta import OBJECTIVES, TUNED, TTAConfig, norm_affine_model, run_tta, unlabelled_loader
+from taskvec.recipes.tta import OBJECTIVES, TUNED, TTAConfig, run_tta
+from taskvec.suites.vision import VisionSuite
 
 TASKS = ("alpha", "beta", "gamma")
 CONFIG = BankConfig(backbone="tiny_cnn", resolution=16, epochs=2, lr=3e-3, batch_size=16, pretrained=False)
@@ -36,9 +39,13 @@ def bank(tmp_path_factory) -> Bank:
     return synthetic.built_bank(CONFIG, tmp_path_factory.mktemp("bank"), TASKS)
 
 
+def suite_of(bank: Bank) -> VisionSuite:
+    return VisionSuite(bank, tasks=TASKS, progress=False)
+
+
 @pytest.fixture(scope="module")
 def result(bank, tmp_path_factory):
-    return run_tta(small_config(tmp_path_factory.mktemp("tta")), bank=bank, tasks=TASKS)
+    return run_tta(small_config(tmp_path_factory.mktemp("tta")), suite=suite_of(bank))
 
 
 def _steering(records) -> list:
@@ -47,7 +54,7 @@ def _steering(records) -> list:
 
 
 class GuardedLabels(ImageSet):
-    """An ImageSet whose labels may be read only by ``tta.score`` (the final evaluation)."""
+    """An ImageSet whose labels may be read only by ``logit_scores`` (the final evaluation)."""
 
     reads: ClassVar[list[str]] = []
 
@@ -91,10 +98,11 @@ def test_every_run_is_recorded_and_written(result, bank):
     assert trainable["norm"] == bn
     assert trainable["atlas"] == 2 * sum(1 for _ in base.parameters())  # two vectors x every block
     # Averages: per seed the mean over targets, then mean +- s.e. over seeds.
-    for row in result["summary"]:
-        per_seed = [sum(r["change"] for r in records if r["method"] == row["method"] and r["seed"] == s) / 2
+    assert set(result["summary"]["change"]) == {r["method"] for r in records}
+    for method, row in result["summary"]["change"].items():
+        per_seed = [sum(r["change"] for r in records if r["method"] == method and r["seed"] == s) / 2
                     for s in SEEDS]
-        assert tuple(row["average"]["change"]) == pytest.approx(mean_se(per_seed))
+        assert (row["average"]["mean"], row["average"]["se"]) == pytest.approx(mean_se(per_seed))
     files = result["files"]
     saved = json.loads(Path(files["json"]).read_text())
     assert [r["test_acc"] for r in saved["records"]] == [r["test_acc"] for r in records]
@@ -106,7 +114,7 @@ def test_every_run_is_recorded_and_written(result, bank):
 
 
 def test_seeds_reproduce(bank, result, tmp_path):
-    again = run_tta(small_config(tmp_path), bank=bank, tasks=TASKS)
+    again = run_tta(small_config(tmp_path), suite=suite_of(bank))
     assert [(r["method"], r["test_acc"]) for r in again["records"]] == [
         (r["method"], r["test_acc"]) for r in result["records"]]
     assert _steering(again["records"]) == _steering(result["records"])
@@ -120,12 +128,12 @@ def test_labels_are_read_only_by_the_final_evaluation(bank, tmp_path, selection)
     GuardedLabels.reads = []
     guarded = Bank(CONFIG, root=bank.root, loader=guarded_loader)
     config = small_config(tmp_path / "guarded", targets=("gamma",), seeds=(0,), selection=selection)
-    clean = run_tta(config, bank=guarded, tasks=TASKS)
+    clean = run_tta(config, suite=suite_of(guarded))
     runs = len(TUNED) * len(OBJECTIVES)
-    assert GuardedLabels.reads == ["score"] * (1 + runs)
+    assert GuardedLabels.reads == ["logit_scores"] * (1 + runs)
 
     config = small_config(tmp_path / "poisoned", targets=("gamma",), seeds=(0,), selection=selection)
-    poisoned = run_tta(config, bank=Bank(CONFIG, root=bank.root, loader=synthetic.relabelled_loader), tasks=TASKS)
+    poisoned = run_tta(config, suite=suite_of(Bank(CONFIG, root=bank.root, loader=synthetic.relabelled_loader)))
     assert _steering(poisoned["records"]) == _steering(clean["records"])
     assert poisoned["pretrained"]["gamma"] != clean["pretrained"]["gamma"]
 
@@ -136,8 +144,9 @@ def test_adaptation_keeps_normalisation_statistics_frozen(bank):
     head = bank.head("gamma").freeze()
     vectors = bank.vectors(["alpha", "beta"])
     config = TTAConfig(epochs=1, batch_size=16, progress=False)
+    suite = suite_of(bank)
     for tuned in TUNED:
-        model, _ = tta.adapt(tuned, "tent", base, vectors, head, task.test.images, 16, NORM, config, 0, None)
+        model, _ = tta.adapt(tuned, "tent", base, vectors, head, suite.unlabelled(task.test), suite, config, 0, None)
         for (name, mine), (_, theirs) in zip(model.named_buffers(), base.named_buffers(), strict=True):
             assert torch.equal(mine, theirs), f"{tuned}: buffer {name} changed"
     model = norm_affine_model(base)
@@ -174,9 +183,9 @@ def test_prediction_spread_sees_collapse_without_labels():
 
 def test_bad_requests_fail_clearly(bank, tmp_path):
     with pytest.raises(ValueError, match="objectives"):
-        run_tta(small_config(tmp_path, objectives=("tent", "magic")), bank=bank, tasks=TASKS)
+        run_tta(small_config(tmp_path, objectives=("tent", "magic")), suite=suite_of(bank))
     with pytest.raises(ValueError, match="bank tasks"):
-        run_tta(small_config(tmp_path, targets=("delta",)), bank=bank, tasks=TASKS)
+        run_tta(small_config(tmp_path, targets=("delta",)), suite=suite_of(bank))
 
 
 def test_cli_options(monkeypatch):
@@ -184,8 +193,8 @@ def test_cli_options(monkeypatch):
 
     captured = {}
 
-    def fake(config, *, bank=None):
-        captured["config"] = config
+    def fake(config, *, suite=None):
+        captured["config"], captured["suite"] = config, suite
         return {"table": "t", "files": {"json": "j", "markdown": "m", "plot": "p"}, "seconds": 0.0}
 
     monkeypatch.setattr(tta, "run_tta", fake)
@@ -197,3 +206,61 @@ def test_cli_options(monkeypatch):
     assert (config.targets, config.objectives, config.tuned) == (("digits",), ("tent", "ufm"), ("atlas",))
     assert config.epochs == 3 and config.selection == "objective" and not config.progress
     assert (config.ufm_threshold, config.trusted_k) == (0.9, 7)
+    assert captured["suite"].name == "vision"
+
+
+transformers = pytest.importorskip("transformers")
+import test_suite_text  # noqa: E402
+from test_suite_text import TINY, make_suite  # noqa: E402
+
+tiny = test_suite_text.tiny  # the tiny generated BERT + word tokenizer (a fixture)
+
+
+def test_suite_text_reaches_tta_with_every_objective_and_the_layernorm_baseline(tiny, tmp_path, monkeypatch):
+    """`--suite text` on the tiny generated encoder: aTLAS and the LN-affine row with all four objectives."""
+    import dataclasses
+
+    from taskvec import validate
+    from taskvec.cli import main
+    from taskvec.suites import text as text_suite
+
+    made = []
+
+    def factory(**kwargs):
+        kwargs.setdefault("root", tmp_path / "bank")
+        kwargs["config"] = dataclasses.replace(TINY, seed=kwargs.get("config", TINY).seed)
+        kwargs["tasks"] = ("alpha", "beta", "gamma")  # the fake tasks stand in for the suite's own
+        made.append(make_suite(tiny, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(text_suite, "TextSuite", factory)
+    monkeypatch.setattr(validate, "_tasks", lambda suite="vision": ["alpha", "beta", "gamma"])  # the fake tasks
+    monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "tta"
+    assert main(["run", "tta", "--suite", "text", "--targets", "gamma", "--epochs", "1", "--batch-size", "4",
+                 "--trusted-k", "1", "--quiet", "--out", str(out)]) == 0
+    suite = made[-1]
+    result = json.loads((out / "tta.json").read_text())
+    records = result["records"]
+    labels = {f"{t} + {o}" for t in ("aTLAS (block)", "LN affine") for o in ("Tent", "SAR", "SimCLR", "UFM")}
+    assert {r["method"] for r in records} == labels and len(records) == 8
+    assert result["suite"]["suite"] == "text"
+    base = suite.backbone()
+    head, test = suite.head("gamma"), suite.splits("gamma").test
+    expected = suite.scores(base, head, test)  # the zero-shot head on the pre-trained encoder
+    layer_norms = sum(p.numel() for m in base.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters())
+    blocks = sum(1 for _ in base.parameters())
+    for r in records:
+        assert r["pretrained_acc"] == pytest.approx(expected["acc"])
+        assert r["pretrained_balanced_acc"] == pytest.approx(expected["balanced_acc"])
+        assert r["change"] == pytest.approx(r["test_acc"] - expected["acc"])
+        assert r["adaptation_inputs"] == len(test) and r["classes"] == 3
+        assert r["detail"]["trainable"] == (layer_norms if r["tuned"] == "norm" else 2 * blocks)
+        assert all(loss == loss for loss in r["detail"]["losses"])  # finite: every objective ran on tokens
+    assert r["trusted_per_class"] == 1
+    moved = [r for r in records if r["tuned"] == "atlas" and r["detail"]["max_abs_coefficient"] > 0]
+    assert moved, "no objective moved a coefficient"
+    for r in records:  # leave-one-out: the target's own vector is not composed
+        assert set(r["detail"].get("mean_coefficient_per_vector", {"alpha": 0, "beta": 0})) == {"alpha", "beta"}
+    table = (out / "tta.md").read_text()
+    assert "| LN affine + UFM |" in table and "| pre-trained |" in table

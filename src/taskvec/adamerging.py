@@ -47,14 +47,18 @@ class ClampedComposer(nn.Module):
 
 def multitask_entropy(heads: Sequence[nn.Module]) -> LossFn:
     """AdaMerging's objective: the sum over tasks of the mean prediction entropy on that task's
-    unlabelled inputs, each through its own frozen head. Batches: ``[x_task0, x_task1, ...]``."""
+    unlabelled inputs, each through its own frozen head. Batches: ``[x_task0, x_task1, ...]``; inputs of
+    equal shape share one forward pass."""
     for head in heads:
         head.requires_grad_(False)
 
     def loss_fn(model: nn.Module, batch: Batch) -> Tensor:
         if not isinstance(batch, Sequence) or len(batch) != len(heads) or not all(isinstance(x, Tensor) for x in batch):
             raise TypeError(f"multitask_entropy: expected a list of {len(heads)} input tensors, one per task")
-        features = model(torch.cat(list(batch))).split([len(x) for x in batch])
+        if len({tuple(x.shape[1:]) for x in batch}) == 1:  # one forward pass when the inputs stack
+            features = model(torch.cat(list(batch))).split([len(x) for x in batch])
+        else:  # e.g. token batches padded to each task's own length
+            features = [model(x) for x in batch]
         terms = [softmax_entropy(head(f)).mean() for head, f in zip(heads, features, strict=True)]
         return torch.stack(terms).sum()
 

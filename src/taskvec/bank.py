@@ -106,6 +106,10 @@ class BankConfig:
         mode = "-linear" if self.linearized else ""
         return f"{self.backbone}-{self.resolution}px{mode}-{digest}"
 
+    def label(self) -> str:
+        """How reports name the backbone and its input size, e.g. ``mobilenet_v2 @ 48px``."""
+        return f"{self.backbone} @ {self.resolution}px"
+
 
 class Bank:
     """A directory of task vectors and heads built under one :class:`BankConfig`."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -113,10 +114,17 @@ def _batch_starts(n: int, batch_size: int) -> list[int]:
 def unlabelled_loader(
     images: Tensor, resolution: int, norm: dict, batch_size: int, trusted: tuple[Tensor, Tensor] | None = None
 ) -> Loader:
-    """Shuffled batches of inputs ``x``; with ``trusted = (indices, pseudo-labels)`` (UFM), each batch is
+    """Shuffled batches of images as inputs ``x`` (see :func:`index_loader`)."""
+    return index_loader(len(images), batch_size, lambda idx: to_input(images[idx], resolution, **norm), trusted)
+
+
+def index_loader(
+    n: int, batch_size: int, take: Callable[[Tensor], Tensor], trusted: tuple[Tensor, Tensor] | None = None
+) -> Loader:
+    """Shuffled batches of inputs ``x = take(indices)`` over a pool of ``n`` unlabelled samples (any
+    modality: ``take`` makes the inputs); with ``trusted = (indices, pseudo-labels)`` (UFM), each batch is
     ``(x, TrustedTargets)`` with half untrusted samples (target -1) and half trusted ones, cycling the
     trusted stream (aTLAS's two-stream sampler), and an epoch is one pass over the untrusted samples."""
-    n = len(images)
     if n < 2:
         raise ValueError(f"test-time adaptation needs at least 2 unlabelled inputs; got {n}")
     if trusted is None:
@@ -126,7 +134,7 @@ def unlabelled_loader(
             order = torch.randperm(n, generator=generator)
             for i, start in enumerate(starts):
                 stop = starts[i + 1] if i + 1 < len(starts) else n
-                yield to_input(images[order[start:stop]], resolution, **norm)
+                yield take(order[start:stop])
 
         return Loader(make, len(starts))
 
@@ -150,6 +158,15 @@ def unlabelled_loader(
             t = torch.tensor(picks, dtype=torch.long)
             idx = torch.cat([u, t_index[t]])
             targets = torch.cat([torch.full((len(u),), -1, dtype=torch.long), t_label[t]])
-            yield to_input(images[idx], resolution, **norm), TrustedTargets(targets)
+            yield take(idx), TrustedTargets(targets)
 
     return Loader(make_two_stream, len(starts))
+
+
+def seeded_subset(split: Any, size: int | None, seed: int) -> Any:
+    """At most ``size`` samples of ``split`` (any split with ``subset``), drawn by a seeded permutation and
+    kept in their original order; the whole split when ``size`` is None or not smaller."""
+    if size is None or size >= len(split):
+        return split
+    pick = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:size]
+    return split.subset(pick.sort().values)

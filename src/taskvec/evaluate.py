@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -88,13 +90,6 @@ def score(logits: Tensor, split: ImageSet) -> float:
     return float((logits.argmax(-1) == split.labels.cpu()).float().mean())
 
 
-def logit_scores(logits: Tensor, split: ImageSet) -> dict[str, float]:
-    """``{"acc", "balanced_acc"}`` of precomputed logits against a split's labels (images or texts):
-    what a recipe reports for a method scored on features extracted once."""
-    predicted, labels = logits.argmax(-1).cpu(), split.labels.cpu()
-    return {"acc": float((predicted == labels).float().mean()), "balanced_acc": balanced_accuracy(predicted, labels)}
-
-
 def selection_metric(logits: Tensor, split: ImageSet) -> float:
     """Model selection score on a few selection shots: accuracy, ties broken by lower cross-entropy.
 
@@ -105,3 +100,20 @@ def selection_metric(logits: Tensor, split: ImageSet) -> float:
     labels = split.labels.cpu()
     loss = float(F.cross_entropy(logits.float(), labels))
     return score(logits, split) + 1.0 / ((len(split) + 1) * (1.0 + loss))
+
+
+def logit_scores(logits: Tensor, split: ImageSet) -> dict[str, float]:
+    """``{"acc", "balanced_acc"}`` of precomputed logits against a split's labels (any split with
+    ``labels``), reading them once: the final evaluation of test-time adaptation."""
+    labels = split.labels.cpu()
+    predicted = logits.argmax(-1)
+    return {"acc": float((predicted == labels).float().mean()), "balanced_acc": balanced_accuracy(predicted, labels)}
+
+
+def prediction_spread(logits: Tensor) -> dict:
+    """Label-free collapse check: classes predicted at least once, and the entropy of the mean
+    prediction over ln C (1 = every class equally likely on average, 0 = one class)."""
+    classes = logits.shape[-1]
+    mean = logits.float().softmax(-1).mean(0)
+    marginal = float(-(mean * mean.clamp_min(1e-12).log()).sum()) / math.log(classes)
+    return {"classes_predicted": int(logits.argmax(-1).unique().numel()), "marginal_entropy": marginal}

@@ -29,8 +29,10 @@ from taskvec.train import TrainResult
 __all__ = [
     "RecordStore",
     "add_config_arguments",
+    "check_fields",
     "config_from_args",
     "fingerprint",
+    "format_mean_se",
     "grid",
     "grid_report",
     "grid_table",
@@ -45,6 +47,7 @@ __all__ = [
     "run_grid",
     "runtime_rows",
     "summarize",
+    "summarize_by_method",
     "write_results",
 ]
 
@@ -173,6 +176,30 @@ def summarize(records: Sequence[dict], key: str = "test_acc") -> dict[str, list[
         mean, se = mean_se(complete)
         average.append({"method": method, "k": k, "mean": mean, "se": se, "n": len(complete)})
     return {"per_target": per_target, "average": average}
+
+
+def summarize_by_method(records: Sequence[dict], keys: Sequence[str]) -> dict[str, dict[str, dict[str, dict]]]:
+    """``out[key][method][target or "average"]`` = ``{"mean", "se", "n"}`` (:func:`summarize`) for every
+    number in ``keys``, methods in order of first appearance; for records of one ``k`` (default 0)."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    rows = [{"k": 0, **r} for r in records]
+    out: dict[str, dict[str, dict[str, dict]]] = {}
+    for key in keys:
+        stats = summarize(rows, key)
+        out[key] = {m: {s["target"]: s for s in stats["per_target"] if s["method"] == m} for m in methods}
+        for s in stats["average"]:
+            out[key][s["method"]]["average"] = s
+    return out
+
+
+def format_mean_se(stat: Mapping[str, Any] | None, *, scale: float = 100.0, sign: str = "") -> str:
+    """``"81.5 ± 0.4"`` from ``{"mean", "se"}`` times ``scale``; no ``±`` for an undefined s.e., empty when
+    missing; ``sign="+"`` prints changes signed."""
+    if stat is None or stat["mean"] is None or stat["mean"] != stat["mean"]:
+        return ""
+    text = f"{scale * stat['mean']:{sign}.1f}"
+    se = stat.get("se")
+    return text if se is None or se != se else f"{text} ± {scale * se:.1f}"
 
 
 def json_safe(value: object) -> object:
@@ -405,3 +432,19 @@ def config_from_args(config_class: type, args: argparse.Namespace, **overrides: 
             value = getattr(args, f.name)
             values[f.name] = tuple(value) if isinstance(value, list) else value
     return config_class(**values, **overrides)
+
+
+def check_fields(config: Any) -> None:
+    """Validate a config dataclass against its fields' metadata, for ``__post_init__``: ``choices`` (a tuple
+    must be a non-empty subset, a scalar one of them), ``min`` (a number, unless None) and ``min_items`` (a
+    tuple's length). Errors name the class, the field and the value."""
+    for f in fields(config):
+        value, meta, name = getattr(config, f.name), f.metadata, f"{type(config).__name__}.{f.name}"
+        if "choices" in meta:
+            allowed, many = list(meta["choices"]), isinstance(value, tuple)
+            if not set(value if many else [value]) <= set(allowed) or (many and not value):
+                raise ValueError(f"{name}: {value!r} is not {'a non-empty subset' if many else 'one'} of {allowed}")
+        if meta.get("min") is not None and value is not None and value < meta["min"]:
+            raise ValueError(f"{name} must be >= {meta['min']}; got {value!r}")
+        if meta.get("min_items") is not None and len(value) < meta["min_items"]:
+            raise ValueError(f"{name} needs at least {meta['min_items']} value(s); got {list(value)}")

@@ -38,3 +38,16 @@ def norm_sgd(lr: float, weight_decay: float = 0.0) -> Callable[[list[nn.Paramete
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
     return factory
+
+
+_KINDS = {nn.BatchNorm1d: "BN", nn.BatchNorm2d: "BN", nn.BatchNorm3d: "BN", nn.GroupNorm: "GN", nn.LayerNorm: "LN"}
+
+
+def norm_label(model: nn.Module) -> str:
+    """What :func:`norm_affine_model` tunes in ``model``, for tables: ``"BN affine"`` on a CNN,
+    ``"LN affine"`` on a transformer (the paper's "LN" row), ``"BN+LN affine"`` when both occur."""
+    kinds = {_KINDS[type(m)] for m in model.modules() if type(m) in _KINDS
+             and any(isinstance(getattr(m, n, None), nn.Parameter) for n in ("weight", "bias"))}
+    if not kinds:
+        raise ValueError(f"{type(model).__name__} has no normalisation layer with affine parameters to tune")
+    return "+".join(sorted(kinds)) + " affine"

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -59,6 +59,7 @@ __all__ = [
     "trusted_targets",
     "ufm",
     "ufm_loss",
+    "unlabelled_selection",
 ]
 
 
@@ -505,3 +506,19 @@ def ufm(
         return ufm_loss(weak_logits, strong_logits, targets, threshold=threshold, hard=hard)
 
     return loss_fn
+
+
+def unlabelled_selection(loss_fn: LossFn, batches: Callable[[torch.Generator], Iterable[Batch]], seed: int
+                         ) -> Callable[[nn.Module], float]:
+    """Model selection without labels, as ``fit``'s ``evaluate``: minus the mean objective over one pass of
+    ``batches(generator)`` with the generator and torch's global one (augmentations) seeded by ``seed``,
+    so every candidate state is scored on the same views."""
+
+    def evaluate(model: nn.Module) -> float:
+        with torch.random.fork_rng(), torch.enable_grad():
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            values = [float(loss_fn(model, batch).detach()) for batch in batches(generator)]
+        return -sum(values) / len(values)
+
+    return evaluate

@@ -119,3 +119,19 @@ def write_results(directory: Path | str, name: str, payload: dict, table: str) -
     json_path = write_json(directory / f"{name}.json", payload)
     md_path = atomic_write_text(directory / f"{name}.md", table + "\n")
     return json_path, md_path
+
+
+def plot_composer(composer, path: Path | str, *, title: str) -> Path:
+    """:func:`plot_coefficients` of a composer's block coefficients (one row per block, one column per vector)."""
+    return plot_coefficients(composer.block_coefficients(), composer.block_names, composer.vector_names, path,
+                             title=title)
+
+
+def publish(directory: Path | str, name: str, payload: dict, table: str, files: dict[str, str] | None = None) -> dict:
+    """:func:`write_results` with ``payload["files"]``: ``files`` (plots, coefficients) plus the JSON and
+    markdown paths themselves. Returns the payload with ``files`` and ``table`` (what a command prints)."""
+    directory = Path(directory)
+    payload["files"] = {**(files or {}), "json": str(directory / f"{name}.json"),
+                        "markdown": str(directory / f"{name}.md")}
+    write_results(directory, name, payload, table)
+    return {**payload, "table": table}

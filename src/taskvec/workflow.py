@@ -23,7 +23,7 @@ from taskvec.data import ImageSet
 from taskvec.evaluate import accuracy, score, selection_metric
 from taskvec.experiment import paired_summary
 from taskvec.heads import LPPlusPlus, TipAdapter, fit_linear_head, tip_adapter_search
-from taskvec.merging import DEFAULT_ALPHA_GRID, alpha_search, task_arithmetic
+from taskvec.merging import DEFAULT_ALPHA_GRID, alpha_search, task_arithmetic, ties_merge
 from taskvec.objectives import cross_entropy, multitask_cross_entropy
 from taskvec.train import Loader, TrainConfig, TrainResult, fit
 from taskvec.vectors import TaskVector
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 DEFAULT_RESULTS = Path("runs")
 # accuracy(model, head, split, resolution, **norm): every score a recipe computes goes through one, so a
-# test can inject a spy (or a label scrambler) and prove which splits steer the choices.
+# test can inject a spy (or a label scrambler) and prove which splits steer the choices. Over a suite
+# (SuiteMultiTaskData, NegationJob) the call is evaluator(model, head, split), as suite.accuracy.
 Evaluator = Callable[..., float]
 
 
@@ -97,6 +98,31 @@ def task_arithmetic_search(
     summed = task_arithmetic(vectors, 1.0)
     best, table = alpha_search(lambda a: score(summed.apply_to(base, a)), DEFAULT_ALPHA_GRID if grid is None else grid)
     return best, summed.apply_to(base, best), table
+
+
+def ties_search(
+    base: nn.Module,
+    vectors: Sequence[TaskVector],
+    score: Callable[[nn.Module], float],
+    grid: Sequence[float],
+    density: float = 0.2,
+) -> tuple[float, nn.Module, list]:
+    """TIES-merging (Yadav et al., 2023) of ``vectors`` at ``density``, its scale chosen by ``score``
+    (validation data) over ``grid`` as task arithmetic's alpha is: ``(scale, merged model, table)``."""
+    merged = ties_merge(vectors, density=density, alpha=1.0)
+    best, table = alpha_search(lambda a: score(merged.apply_to(base, a)), grid)
+    return best, merged.apply_to(base, best), table
+
+
+def normalized_accuracy(test: Mapping[str, float], finetuned: Mapping[str, float]) -> dict[str, Any]:
+    """Task addition's numbers: per-task test accuracy, normalised accuracy (absolute over the
+    fine-tuned model's, the convention of aTLAS and Ilharco et al.) and both means over tasks."""
+    missing = sorted(set(test) - set(finetuned))
+    if missing or not test:
+        raise ValueError(f"need a fine-tuned accuracy for every task of {sorted(test)}; missing {missing}")
+    normalized = {t: test[t] / finetuned[t] for t in test}
+    return {"test_acc": dict(test), "normalized": normalized, "avg_acc": sum(test.values()) / len(test),
+            "avg_normalized": sum(normalized.values()) / len(normalized)}
 
 
 def bank_and_norm(bank: Bank) -> tuple[nn.Module, dict, int]:
@@ -178,6 +204,27 @@ def bank_identity(banks: Sequence[Bank], tasks: Sequence[str]) -> list:
     return [[str(bank.root), [bank.meta(t).get("vector_norm") for t in tasks if bank.has(t)]] for bank in banks]
 
 
+def standard_and_linearized(
+    suite: Any, linear_suite: Any | None, linearized: bool, tasks: Sequence[str], progress: bool = True
+) -> list[Any]:
+    """``[suite]``, plus its linearised twin (``linear_suite`` or ``suite.linearized()``) when ``linearized``
+    methods are asked for; every bank is built for ``tasks`` first (cached, resumable)."""
+    suites = [suite]
+    if linearized:
+        suites.append(linear_suite or suite.linearized())
+        if not suites[1].bank.config.linearized:
+            raise ValueError(f"linear suite's bank {suites[1].bank.root} was not built with linearized=True")
+    for each in suites:
+        each.bank.build(list(tasks), progress=progress)
+    return suites
+
+
+def banks_table(banks: Sequence[Bank]) -> dict[str, dict]:
+    """For a report: each bank's root and entries (:meth:`Bank.table`), keyed ``standard`` / ``linearised``."""
+    return {("linearised" if bank.config.linearized else "standard"): {"root": str(bank.root), "entries": bank.table()}
+            for bank in banks}
+
+
 class MultiTaskSettings(Protocol):
     """The settings multi-task coefficient learning reads (``AdditionConfig`` and ``MultiTaskSetup`` have them)."""
 
@@ -195,19 +242,24 @@ class MultiTaskSettings(Protocol):
 
 @dataclass
 class MultiTaskSetup:
-    """Multi-task supervised coefficient learning as the addition recipe's aTLAS row does it."""
+    """Multi-task supervised coefficient learning as the addition recipe's aTLAS row does it: aTLAS's
+    AdamW from ``init``, weight decay 0.1; aTLAS runs 20 epochs at 1e-3 (about 480 steps), with ~100
+    steps the rate is 1e-2 instead. The ``help`` texts are the generated command line's."""
 
-    select_per_task: int = 64  # validation images per task held out for model selection
-    fit_per_task: int = 192  # validation images per task the coefficients are trained on
-    seed: int = 0
-    epochs: int = 4
-    lr: float = 1e-2
-    weight_decay: float = 0.1
-    batch_per_task: int = 8
-    augmentation: str | None = None
-    init: float = 0.0
-    progress: bool = True
-    resume: bool = True
+    select_per_task: int = field(default=64, metadata={
+        "help": "validation samples per task held out for model selection"})
+    fit_per_task: int = field(default=192, metadata={
+        "help": "validation samples per task the coefficients are fitted on"})
+    seed: int = field(default=0, metadata={"help": "validation split and training seed"})
+    epochs: int = field(default=4, metadata={"help": "epochs of the learned coefficients"})
+    lr: float = field(default=1e-2, metadata={"help": "coefficient learning rate (AdamW)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay of the coefficients"})
+    batch_per_task: int = field(default=8, metadata={"help": "samples per task in every training step"})
+    augmentation: str | None = field(default=None, metadata={
+        "help": "augmentation of the fitting batches (weak, strong; none by default)"})
+    init: float = field(default=0.0, metadata={"help": "initial coefficient value"})
+    progress: bool = field(default=True, metadata={"help": "no progress bars"})
+    resume: bool = field(default=True, metadata={"help": "recompute jobs already recorded under the same settings"})
 
 
 def selection_and_fitting_parts(val: Mapping[str, Any], config: MultiTaskSettings) -> tuple[dict, dict]:
@@ -273,6 +325,26 @@ def train_multitask(
     )
     checkpoint.unlink(missing_ok=True)
     return trained
+
+
+def per_vector_means(composer: Composer) -> dict[str, float]:
+    """Each vector's mean coefficient (over blocks): what a report says about a learned composition."""
+    return dict(zip(composer.vector_names, composer.coefficients.detach().mean(1).tolist(), strict=True))
+
+
+def adamerge_tasks(
+    ctx: MultiTaskData, settings: Any, batch_per_task: int, checkpoint: Path, resume: bool = True
+) -> Composer:
+    """AdaMerging (:mod:`taskvec.adamerging`, ``settings`` an ``AdaMergingConfig``) of ``ctx``'s vectors on
+    the unlabelled *test inputs* of every task, as its authors do: the loader drops the labels, so the
+    coefficients never see one. Returns the composer with its (clamped) coefficients."""
+    from taskvec.adamerging import adamerge
+
+    loader = ctx.mixed([ctx.test[t] for t in ctx.tasks], batch_per_task, steps=settings.steps, labels=False)
+    composer, _ = adamerge(ctx.base, ctx.vectors(), [ctx.heads[t] for t in ctx.tasks], loader, settings,
+                           checkpoint=checkpoint, resume=resume)
+    checkpoint.unlink(missing_ok=True)
+    return composer
 
 
 def train_through_backbone(
@@ -485,3 +557,10 @@ def transfer_summary(records: Sequence[dict]) -> tuple[list[dict], str]:
     """Per k, mean +- s.e. over seeds of :func:`atlas_transfer`'s accuracies and of their paired changes
     (aTLAS OOD - pre-trained OOD, aTLAS OOD - aTLAS in domain): (rows, markdown table)."""
     return paired_summary(records, by="k", columns=TRANSFER_COLUMNS, changes=TRANSFER_CHANGES)
+
+
+def coefficient_summary(composer: Composer) -> dict:
+    """What a report keeps of learned coefficients: the mean per vector and the largest magnitude."""
+    coefficients = composer.coefficients.detach()
+    return {"mean_coefficient_per_vector": dict(zip(composer.vector_names, coefficients.mean(1).tolist(), strict=True)),
+            "max_abs_coefficient": float(coefficients.abs().max())}

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -41,6 +41,7 @@ import torch
 __all__ = [
     "DEFAULT_MAX_LENGTH",
     "TokenizedTexts",
+    "augment_packed",
     "augment_text",
     "augment_texts",
     "pad_sequences",
@@ -213,3 +214,60 @@ def augment_text(text: str, *, seed: int | str, p_drop: float = 0.1, jitter: int
 def augment_texts(texts: Sequence[str], *, seed: int, p_drop: float = 0.1, jitter: int = 2) -> list[str]:
     """:func:`augment_text` over a list; text ``i`` uses the seed ``"{seed}:{i}"`` (views differ per text)."""
     return [augment_text(t, seed=f"{seed}:{i}", p_drop=p_drop, jitter=jitter) for i, t in enumerate(texts)]
+
+
+def augment_packed(
+    x: torch.Tensor,
+    generator: torch.Generator | None,
+    *,
+    p_drop: float,
+    jitter: int,
+    special: Collection[int],
+    continuation: Collection[int],
+    pad_id: int,
+) -> torch.Tensor:
+    """Word dropout then word-order jitter on packed token batches ``(B, 2, L)`` (ids, mask), re-padded.
+
+    Why on tokens: objectives (SimCLR, UFM) augment the batch they are given, which for text is the
+    packed tensor, so the view is made there without going back to strings. Words, not word pieces, are
+    the unit (a piece in ``continuation``, e.g. WordPiece's ``##``-tokens, stays with the piece before
+    it), as the string augmentations measured above. Tokens in ``special`` ([CLS], [SEP], ...) are never
+    dropped and never moved; at least one other word is kept. Each word is dropped with probability
+    ``p_drop``, then kept word ``i`` is sorted by ``i + u``, ``u ~ U[0, jitter + 1)``, so it moves at most
+    ``jitter`` places. Rows are right-padded with ``pad_id`` to the input's ``L`` (a view is never
+    longer), and the mask marks exactly the kept tokens. All randomness comes from two draws of
+    ``generator`` (torch's global generator when None), so the output is a function of ``(x, generator)``.
+    """
+    if x.dim() != 3 or x.shape[1] != 2 or x.dtype != torch.int64:
+        raise ValueError(f"augment_packed expects int64 (B, 2, L) packed tokens; got {x.dtype} {tuple(x.shape)}")
+    if not 0.0 <= p_drop < 1.0 or jitter < 0:
+        raise ValueError(f"augment_packed: p_drop must be in [0, 1) and jitter >= 0; got {p_drop}, {jitter}")
+    batch, _, length = x.shape
+    drop_u = torch.rand(batch, length, generator=generator).tolist()
+    shift_u = torch.rand(batch, length, generator=generator).tolist()
+    ids_all, mask_all = x[:, 0].cpu(), x[:, 1].cpu()
+    out = torch.zeros((batch, 2, length), dtype=torch.int64)
+    out[:, 0] = int(pad_id)
+    for row in range(batch):
+        ids = ids_all[row][mask_all[row].bool()].tolist()
+        content = [i for i, t in enumerate(ids) if t not in special]
+        if content:
+            first, last = content[0], content[-1]
+            words: list[list[int]] = []  # positions in ids, a word per list
+            for i in range(first, last + 1):
+                joins = words and ids[i] in continuation and ids[i] not in special and ids[words[-1][-1]] not in special
+                if joins:
+                    words[-1].append(i)
+                else:
+                    words.append([i])
+            droppable = [ids[w[0]] not in special for w in words]
+            keep = [not d or drop_u[row][w[0]] >= p_drop for w, d in zip(words, droppable, strict=True)]
+            if not any(k for k, d in zip(keep, droppable, strict=True) if d):
+                keep[max((j for j, d in enumerate(droppable) if d), key=lambda j: drop_u[row][words[j][0]])] = True
+            kept = [w for w, k in zip(words, keep, strict=True) if k]
+            keys = [rank + (jitter + 1) * shift_u[row][w[0]] for rank, w in enumerate(kept)]
+            order = sorted(range(len(kept)), key=lambda j: (keys[j], j))
+            ids = ids[:first] + [ids[i] for j in order for i in kept[j]] + ids[last + 1 :]
+        out[row, 0, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        out[row, 1, : len(ids)] = 1
+    return out.to(x.device)

@@ -1,336 +1,202 @@
-"""Task negation (aTLAS section 4.1) as a recipe: forget a target task, keep a control task.
+"""Task negation (aTLAS section 4.1): forget a target task, keep a control task.
 
-For each target task, its task vector (alone) is subtracted so that the target accuracy drops while
-the control task keeps at least 95% of the pre-trained model's control accuracy. The aTLAS paper uses
-ImageNet as the control; this bank has no ImageNet head, so the control is another bank task:
-``fashion_mnist`` for every target, and ``mnist`` when the target is ``fashion_mnist`` itself
-(``--control`` / ``--fallback-control``). Both are 10-class 28 px grayscale sets the pre-trained
-backbone already does well on, and neither is the target.
+For each target, its task vector (alone) is subtracted so that the target accuracy drops while the
+control keeps at least 95% of the pre-trained model's control accuracy (the rule and the job are
+:mod:`taskvec.control`'s). aTLAS uses ImageNet as the control; these banks have no ImageNet head, so the
+control is another task of the suite the backbone already does well on (:data:`taskvec.control.SUITE_CONTROLS`:
+``fashion_mnist``, or ``mnist`` when the target is ``fashion_mnist``, for vision; ``bbc_news`` /
+``wordnet_noun`` for text; ``--control`` / ``--fallback-control`` name others).
 
-Methods (keys for ``--methods``):
+Methods (``--methods``, the :data:`METHODS` registry): ``pretrained`` (the bank's ``head_test_acc``);
+``task_arithmetic`` (``theta_0 + alpha * tau_target``, alpha from a grid of non-positive values chosen
+by :func:`negation_score`, the 95% rule); ``atlas`` (one coefficient per parameter block, trained with
+``objectives.negation``, ``-CE(target) + CE(control)`` with a bounded target term, the epoch chosen by
+the same rule; the untrained state competes, so a state that keeps the control always exists);
+``task_arithmetic_lin`` / ``atlas_lin`` (the same over the linearised suite).
 
-- ``pretrained``: the pre-trained backbone (its test accuracies are the bank's ``head_test_acc``).
-- ``task_arithmetic``: ``theta_0 + alpha * tau_target`` with alpha from a grid of non-positive values,
-  chosen on validation data by :func:`negation_score` (the 95% rule).
-- ``atlas``: aTLAS, one coefficient per parameter block, trained with ``objectives.negation``
-  (``-CE(target) + CE(control)``, the target term bounded as that function documents), the epoch
-  chosen on validation data by the same rule (the untrained, pre-trained state competes, so a state
-  that keeps the control always exists).
-- ``task_arithmetic_lin`` / ``atlas_lin``: the same over the linearised bank (vectors fine-tuned in
-  tangent space, composed with ``linearized=True``).
-
-Each task's validation split is cut (seeded) into a selection part (every choice is made there; the
-95% reference is the pre-trained control accuracy on the control's selection part) and a fitting part
-(aTLAS trains on it). Test labels are read only for the report.
+Each task's validation split is cut (seeded) into a selection part (every choice; the 95% reference is
+the pre-trained control accuracy there) and a fitting part (aTLAS trains on it). Test labels are read
+only for the report: averages over targets, a per-target table, a bar plot and coefficient heatmaps.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-from tqdm.auto import tqdm
+from taskvec import experiment
+from taskvec.control import (
+    NegationJob,
+    control_kept,
+    default_control,
+    learn_negation,
+    negated_task_arithmetic,
+    suite_controls,
+)
+from taskvec.report import markdown_table, plot_composer, publish
+from taskvec.suites import Suite, add_suite_arguments, make_suite, suite_from_args
+from taskvec.workflow import DEFAULT_RESULTS, Evaluator, banks_table, standard_and_linearized
 
-from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
-from taskvec.batching import mixed_loader, split_validation
-from taskvec.compose import Composer
-from taskvec.control import ROUNDING, control_kept, negation_score  # noqa: F401 (re-exported)
-from taskvec.control import default_control as _default_control
-from taskvec.evaluate import accuracy
-from taskvec.experiment import RecordStore, fingerprint, history, plot_bars
-from taskvec.io import write_json
-from taskvec.merging import alpha_search
-from taskvec.objectives import negation
-from taskvec.report import markdown_table, plot_coefficients, write_results
-from taskvec.train import TrainConfig, fit
-from taskvec.workflow import DEFAULT_RESULTS, Evaluator, bank_and_norm, bank_identity
+Outcome = tuple[tuple[float, float], dict]  # (target, control) test accuracy, details for the row
+__all__ = ["METHODS", "NegationConfig", "run_negation"]
 
-METHODS: dict[str, str] = {
-    "pretrained": "pre-trained",
-    "task_arithmetic": "negated task arithmetic",
-    "atlas": "aTLAS (block)",
-    "task_arithmetic_lin": "negated task arithmetic (linearised)",
-    "atlas_lin": "aTLAS (block, linearised)",
+
+@dataclass(frozen=True)
+class Method:
+    """A row per target: its label and ``run(job, config, out, key) -> ((target, control) test acc, detail)``."""
+
+    label: str
+    run: Callable[[NegationJob, NegationConfig, Path, str], Outcome]
+    linearized: bool = False
+
+
+def _pretrained(job: NegationJob, config: NegationConfig, out: Path, key: str) -> Outcome:
+    test = (float(job.target.meta["head_test_acc"]), float(job.control.meta["head_test_acc"]))
+    return test, {"target_val": job.accuracy(job.base, job.target, "select"), "control_val": job.reference,
+                  "learned": 0}
+
+
+def _task_arithmetic(job: NegationJob, config: NegationConfig, out: Path, key: str) -> Outcome:
+    model, detail = negated_task_arithmetic(job, config.alpha_grid, METHODS[key].linearized)
+    return job.test(model), {**detail, "learned": 1}
+
+
+def _atlas(job: NegationJob, config: NegationConfig, out: Path, key: str) -> Outcome:
+    stem = out / f"negation_{job.target.name}_{key}"
+    composer, detail = learn_negation(job, config, linearized=METHODS[key].linearized,
+                                      checkpoint=Path(f"{stem}.ckpt"))
+    test = job.test(composer.merge())
+    path = Path(f"{stem}_coefficients.safetensors")
+    composer.save_coefficients(path, extra={"recipe": "negation", "target": job.target.name})
+    heatmap = plot_composer(composer, Path(f"{stem}_coefficients.png"),
+                            title=f"{METHODS[key].label}: negating {job.target.name}")
+    return test, {**detail, "coefficients": str(path), "heatmap": str(heatmap)}
+
+
+METHODS: dict[str, Method] = {
+    "pretrained": Method("pre-trained", _pretrained),
+    "task_arithmetic": Method("negated task arithmetic", _task_arithmetic),
+    "atlas": Method("aTLAS (block)", _atlas),
+    "task_arithmetic_lin": Method("negated task arithmetic (linearised)", _task_arithmetic, linearized=True),
+    "atlas_lin": Method("aTLAS (block, linearised)", _atlas, linearized=True),
 }
-LINEARISED = ("task_arithmetic_lin", "atlas_lin")
-DEFAULT_CONTROL = "fashion_mnist"
-FALLBACK_CONTROL = "mnist"
-TEXT_CONTROL, TEXT_FALLBACK_CONTROL = "bbc_news", "wordnet_noun"  # the text suite's (`--suite text`)
-
-
-def default_control(target: str, control: str = DEFAULT_CONTROL, fallback: str = FALLBACK_CONTROL) -> str:
-    """The control task for ``target``: ``control``, or ``fallback`` when the target is the control."""
-    return _default_control(target, control, fallback)
-
-
-# ----------------------------------------------------------------------------------------------
-# The recipe
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclass
 class NegationConfig:
-    """Settings; the defaults are sized for a 2-core CPU (about 15 minutes for six targets)."""
+    """Settings; the defaults are sized for a 2-core CPU (about 15 minutes for six targets).
 
-    targets: tuple[str, ...] = DEFAULT_TASKS
-    control: str = DEFAULT_CONTROL
-    fallback_control: str = FALLBACK_CONTROL
-    methods: tuple[str, ...] = tuple(METHODS)
-    fraction: float = 0.95  # the control must keep this fraction of the pre-trained control accuracy
-    seed: int = 0
-    select_per_task: int = 128  # validation images per task held out for model selection
-    fit_per_task: int = 256  # validation images per task aTLAS is trained on
-    alpha_grid: tuple[float, ...] = tuple(round(-0.25 * i, 2) for i in range(9))  # 0, -0.25, ..., -2
-    # aTLAS: init 0 (the pre-trained model); aTLAS's script uses lr 1e-3 x 2..10 for 2..20 epochs over
-    # full validation sets; with ~130 steps the rate is higher, and no weight decay pulls back to 0.
-    # Measured on validation: at 5e-2 x 4 epochs the control fell below 95% within the first epoch for
-    # 3 of 6 targets, so only the untrained state passed the rule; 1e-2 x 8 epochs moves slowly enough
-    # for the per-epoch rule to find a state in between for every target.
-    epochs: int = 8
-    lr: float = 1e-2
+    aTLAS from 0 (the pre-trained model); aTLAS's script uses lr 1e-3 x 2..10 for 2..20 epochs over full
+    validation sets; with ~130 steps the rate is higher, and no weight decay pulls back to 0. Measured on
+    validation: at 5e-2 x 4 epochs the control fell below 95% within the first epoch for 3 of 6 targets, so
+    only the untrained state passed the rule; 1e-2 x 8 epochs lets the per-epoch rule find a state in between."""
+
+    targets: tuple[str, ...] = field(default=(), metadata={"help": "target tasks (default: all of the suite's)"})
+    control: str | None = field(default=None, metadata={"help": "control task (default: the suite's, fashion_mnist "
+                                                                "for vision, bbc_news for text)"})
+    fallback_control: str | None = field(default=None, metadata={
+        "help": "control when the target is the control (default: the suite's, mnist / wordnet_noun)"})
+    methods: tuple[str, ...] = field(default=tuple(METHODS), metadata={
+        "help": "methods to run", "choices": list(METHODS), "metavar": "METHOD"})
+    fraction: float = field(default=0.95, metadata={"help": "fraction of the pre-trained control accuracy to keep"})
+    seed: int = field(default=0, metadata={"help": "validation split and training seed"})
+    select_per_task: int = field(default=128, metadata={"help": "validation samples per task held out for selection"})
+    fit_per_task: int = field(default=256, metadata={"help": "validation samples per task aTLAS trains on"})
+    alpha_grid: tuple[float, ...] = field(default=tuple(round(-0.25 * i, 2) for i in range(9)), metadata={
+        "help": "task arithmetic's alpha grid (0 and negative values)"})
+    epochs: int = field(default=8, metadata={"help": "aTLAS epochs"})
+    lr: float = field(default=1e-2, metadata={"help": "aTLAS learning rate"})
     weight_decay: float = 0.0
-    batch_size: int = 16  # target images per step, and as many control images
-    bound: str = "clamp"  # objectives.negation's bounded target term ("clamp", "uniform", "none")
+    batch_size: int = field(default=16, metadata={"help": "target samples per step, and as many control samples"})
+    bound: str = field(default="clamp", metadata={"help": "target term of the objective",
+                                                  "choices": ["clamp", "uniform", "none"]})
     augmentation: str | None = None
-    bank: BankConfig = field(default_factory=BankConfig)
-    out: Path = DEFAULT_RESULTS / "negation"
-    resume: bool = True
-    progress: bool = True
+    out: Path = field(default=DEFAULT_RESULTS / "negation", metadata={"help": "results directory"})
+    resume: bool = field(default=True, metadata={"help": "recompute jobs already recorded under the same settings"})
+    progress: bool = field(default=True, metadata={"help": "no progress bars"})
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods {unknown or '[]'}: choose a non-empty subset of {list(METHODS)}")
+        if 0.0 not in self.alpha_grid or any(a > 0 for a in self.alpha_grid):
+            raise ValueError(f"the alpha grid must hold 0 (the pre-trained model) and no positive value; "
+                             f"got {self.alpha_grid}")
+        control_kept(1.0, 1.0, self.fraction)  # validates the fraction
+        for name in ("epochs", "select_per_task", "fit_per_task", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.control is not None and self.control == self.fallback_control:
+            raise ValueError(f"control and fallback_control must differ; both are {self.control!r}")
 
 
-class _Side:
-    """One task of a negation job in one bank: head, selection/fitting parts of validation, test."""
-
-    def __init__(self, bank: Bank, task: str, config: NegationConfig) -> None:
-        data = bank.loader(task, seed=bank.config.seed)
-        self.name = task
-        self.head = bank.head(task).freeze()
-        self.select, self.fit = split_validation(data.val, config.select_per_task, config.fit_per_task,
-                                                 config.seed, task)
-        self.test = data.test
-        self.meta = bank.meta(task)
-
-
-class _Job:
-    """A (target, control) pair in one bank, with its selection rule."""
-
-    def __init__(self, bank: Bank, target: str, control: str, config: NegationConfig,
-                 evaluator: Evaluator | None = None, suite: Any = None) -> None:
-        self.bank, self.config, self.suite = bank, config, suite
-        if suite is not None:  # a suite batches and scores its own inputs (text: tokens)
-            self.base, self.norm, self.resolution = suite.backbone(), {}, int(bank.config.resolution)
-            self.evaluator = evaluator or (lambda model, head, split, *_, **__: suite.accuracy(model, head, split))
-        else:
-            self.base, self.norm, self.resolution = bank_and_norm(bank)
-            self.evaluator = evaluator or accuracy
-        self.target, self.control = _Side(bank, target, config), _Side(bank, control, config)
-        self.reference = self._acc(self.base, self.control, "select")  # pre-trained control accuracy (val)
-        self.trace: list[dict] = []
-
-    def _acc(self, model: nn.Module, side: _Side, split: str) -> float:
-        return self.evaluator(model, side.head, getattr(side, split), self.resolution, **self.norm)
-
-    def selection(self, model: nn.Module) -> float:
-        """The 95% rule on the selection parts (validation data); records both accuracies."""
-        target, control = self._acc(model, self.target, "select"), self._acc(model, self.control, "select")
-        self.trace.append({"target_val": target, "control_val": control})
-        return negation_score(target, control, self.reference, self.config.fraction)
-
-    def test(self, model: nn.Module) -> tuple[float, float]:
-        """Target and control accuracy on the test splits: the report, never a choice."""
-        return self._acc(model, self.target, "test"), self._acc(model, self.control, "test")
-
-    def vector(self):
-        return self.bank.vector(self.target.name)
-
-
-def _negated_task_arithmetic(job: _Job, linearized: bool) -> tuple[nn.Module, dict]:
-    vector = job.vector()
-    if linearized:
-        composer = Composer(job.base, [vector], "isotropic", linearized=True)
-
-        def at(alpha: float) -> nn.Module:
-            composer.coefficients.data.fill_(alpha)
-            return composer
-    else:
-
-        def at(alpha: float) -> nn.Module:
-            return vector.apply_to(job.base, alpha)
-
-    best, table = alpha_search(lambda a: job.selection(at(a)), job.config.alpha_grid)
-    trace = [dict(alpha=a, score=s, **t) for (a, s), t in zip(table, job.trace, strict=True)]
-    chosen = next(t for t in trace if t["alpha"] == best)
-    model = at(best)
-    return (composer.merge() if linearized else model), {"alpha": best, "alpha_table": trace,
-                                                          "target_val": chosen["target_val"],
-                                                          "control_val": chosen["control_val"]}
-
-
-def _atlas(job: _Job, linearized: bool, checkpoint: Path) -> tuple[Composer, dict]:
-    config = job.config
-    composer = Composer(job.base, [job.vector()], "block", init=0.0, linearized=linearized)
-    steps = -(-len(job.target.fit) // config.batch_size)
-    if job.suite is not None:
-        from taskvec.suites.multitask import suite_mixed_loader
-
-        loader = suite_mixed_loader(job.suite, [job.target.fit, job.control.fit], config.batch_size, steps=steps,
-                                    augmentation=config.augmentation)
-    else:
-        loader = mixed_loader([job.target.fit, job.control.fit], config.batch_size, job.resolution, job.norm,
-                              steps=steps, augmentation=config.augmentation)
-    result = fit(
-        composer,
-        negation(job.target.head, job.control.head, bound=config.bound),  # type: ignore[arg-type]
-        loader,
-        TrainConfig(epochs=config.epochs, lr=config.lr, weight_decay=config.weight_decay, warmup_fraction=0.0,
-                    seed=config.seed, progress=config.progress, checkpoint=checkpoint, resume=config.resume,
-                    description=f"negate {job.target.name}{' (lin)' if linearized else ''}"),
-        evaluate=job.selection,
-    )
-    checkpoint.unlink(missing_ok=True)
-    epochs = [r.epoch for r in result.history]
-    trace = job.trace[-len(epochs):]  # a resumed run has fewer traced evaluations than history entries
-    chosen = {"target_val": None, "control_val": None}
-    for epoch, t in zip(epochs[-len(trace):], trace, strict=True):
-        if epoch == result.best_epoch:
-            chosen = t
-    coefficients = composer.coefficients.detach()
-    return composer, {
-        "best_epoch": result.best_epoch, "history": history(result), "val_trace": trace, **chosen,
-        "learned": composer.coefficients.numel(), "mean_coefficient": float(coefficients.mean()),
-        "coefficient_range": [float(coefficients.min()), float(coefficients.max())],
-    }
-
-
-def _check(config: NegationConfig, tasks: Sequence[str]) -> None:
-    unknown = [m for m in config.methods if m not in METHODS]
-    if unknown or not config.methods:
-        raise ValueError(f"methods {unknown or '[]'}: choose a non-empty subset of {list(METHODS)}")
-    needed = set(config.targets) | {default_control(t, config.control, config.fallback_control)
-                                    for t in config.targets}
-    missing = sorted(needed - set(tasks))
-    if missing or not config.targets:
-        raise ValueError(f"targets and controls {missing or '[]'} must be bank tasks {list(tasks)}")
-    if 0.0 not in config.alpha_grid or any(a > 0 for a in config.alpha_grid):
-        raise ValueError(f"the alpha grid must hold 0 (the pre-trained model) and no positive value; "
-                         f"got {config.alpha_grid}")
-    control_kept(1.0, 1.0, config.fraction)  # validates the fraction
-    if config.epochs < 1:
-        raise ValueError("epochs must be >= 1")
-
-
-def run_negation(
-    config: NegationConfig | None = None,
-    *,
-    bank: Bank | None = None,
-    linear_bank: Bank | None = None,
-    tasks: Sequence[str] | None = None,
-    evaluator: Evaluator | None = None,
-    suite: Any = None,
-) -> dict:
+def run_negation(config: NegationConfig | None = None, *, suite: Suite | None = None,
+                 linear_suite: Suite | None = None, evaluator: Evaluator | None = None) -> dict:
     """Negate every target by every method; returns the payload written to ``<out>/negation.json``.
 
-    ``evaluator`` computes every accuracy (selection and report): tests inject spies through it.
-    ``suite`` (e.g. the text suite) brings its bank(s), batches and scores."""
+    ``suite`` defaults to ``make_suite("vision")``, ``linear_suite`` (the ``_lin`` methods) to
+    ``suite.linearized()``. ``evaluator(model, head, split)`` computes every accuracy (default: the suite's)."""
     config = config or NegationConfig()
-    tasks = tuple(tasks or (suite.tasks if suite is not None else DEFAULT_TASKS))
-    _check(config, tasks)
+    suite = suite or make_suite("vision", progress=config.progress)
+    tasks, (control, fallback) = tuple(suite.tasks), suite_controls(suite.name)
+    control, fallback = config.control or control, config.fallback_control or fallback
+    config = replace(config, targets=config.targets or tasks, control=control, fallback_control=fallback)
+    controls = {t: default_control(t, control, fallback) for t in config.targets}
+    wanted = set(config.targets) | set(controls.values())
+    if missing := sorted(wanted - set(tasks)):
+        raise ValueError(f"targets and controls {missing} must be bank tasks {list(tasks)}")
+    needed = sorted(wanted, key=tasks.index)
     started = time.perf_counter()
-    suites = {False: suite, True: None}
-    if suite is not None:
-        bank = suite.bank
-        if any(m in LINEARISED for m in config.methods):
-            suites[True] = suite.linearized()
-            linear_bank = suites[True].bank
-    bank = bank or Bank(config.bank)
-    needed = sorted(set(config.targets) | {default_control(t, config.control, config.fallback_control)
-                                           for t in config.targets}, key=tasks.index)
-    bank.build(needed, progress=config.progress)
-    banks = [bank]
-    if any(m in LINEARISED for m in config.methods):
-        linear_bank = linear_bank or Bank(replace(bank.config, linearized=True), loader=bank.loader)
-        if not linear_bank.config.linearized:
-            raise ValueError(f"linear_bank {linear_bank.root} was not built with linearized=True")
-        linear_bank.build(needed, progress=config.progress)
-        banks.append(linear_bank)
+    linearized = any(METHODS[m].linearized for m in config.methods)
+    suites = dict(enumerate(standard_and_linearized(suite, linear_suite, linearized, needed, config.progress)))
+    # suites[False] is the standard suite, suites[True] the linearised one (bools index as 0 and 1)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(config).items() if k not in ("targets", "methods", "out", "resume",
                                                                       "progress")}
-    records = RecordStore(out / "negation_records.jsonl",
-                          fingerprint({**settings, "banks": bank_identity(banks, needed)}), config.resume)
+    identity = {**settings, "suites": [s.identity() for s in suites.values()]}
+    records = experiment.RecordStore(out / "negation_records.jsonl", experiment.fingerprint(identity), config.resume)
+    jobs: dict[tuple[str, bool], NegationJob] = {}
 
-    heatmaps: dict[str, str] = {}
-    bar = tqdm(total=len(config.targets) * len(config.methods), desc="task negation", disable=not config.progress)
-    for target in config.targets:
-        control = default_control(target, config.control, config.fallback_control)
-        jobs: dict[bool, _Job] = {}
-        for method in config.methods:
-            bar.set_postfix(target=target, method=method)
-            key = f"{target}/{method}"
-            if records.get(key) is not None:
-                bar.update()
-                continue
-            linearized = method in LINEARISED
-            use = banks[1] if linearized else bank
-            if linearized not in jobs:
-                jobs[linearized] = _Job(use, target, control, config, evaluator, suites[linearized])
-            job = jobs[linearized]
-            tic = time.perf_counter()
-            job.trace = []
-            if method == "pretrained":
-                test = (float(job.target.meta["head_test_acc"]), float(job.control.meta["head_test_acc"]))
-                target_val = job._acc(job.base, job.target, "select")
-                detail: dict = {"target_val": target_val, "control_val": job.reference, "learned": 0}
-            elif method.startswith("task_arithmetic"):
-                model, detail = _negated_task_arithmetic(job, linearized)
-                detail["learned"] = 1
-                test = job.test(model)
-            else:
-                composer, detail = _atlas(job, linearized, out / f"negation_{target}_{method}.ckpt")
-                test = job.test(composer.merge())
-                path = out / f"negation_{target}_{method}_coefficients.safetensors"
-                composer.save_coefficients(path, extra={"recipe": "negation", "target": target})
-                detail["coefficients"] = str(path)
-                heatmap = plot_coefficients(composer.block_coefficients(), composer.block_names, composer.vector_names,
-                                            out / f"negation_{target}_{method}_coefficients.png",
-                                            title=f"{METHODS[method]}: negating {target}")
-                detail["heatmap"] = str(heatmap)
-            row = {
-                "target": target, "control": control, "key": method, "method": METHODS[method],
-                "target_test": test[0], "control_test": test[1],
-                "control_reference_val": job.reference,
-                "control_kept_val": (detail["control_val"] is not None
-                                     and control_kept(detail["control_val"], job.reference, config.fraction)),
-                "pretrained_control_test": float(job.control.meta["head_test_acc"]),
-                "pretrained_target_test": float(job.target.meta["head_test_acc"]),
-                "seconds": time.perf_counter() - tic, **detail,
-            }
-            row["control_kept_test"] = control_kept(row["control_test"], row["pretrained_control_test"],
-                                                    config.fraction)
-            records.put(key, row)
-            bar.update()
-    bar.close()
-    rows = [records.get(f"{t}/{m}") for t in config.targets for m in config.methods]
-    for row in rows:
-        if "heatmap" in row:
-            heatmaps[f"{row['target']}/{row['key']}"] = row["heatmap"]
-    return _report(rows, config, bank, banks, out, heatmaps, started)
+    def run(spec: Mapping[str, Any]) -> dict:
+        target, key = spec["target"], spec["method"]
+        control, linearized = controls[target], METHODS[key].linearized
+        if any(t != target for t, _ in jobs):  # one target at a time: free the previous target's backbones
+            jobs.clear()
+        if (target, linearized) not in jobs:
+            jobs[target, linearized] = NegationJob(suites[linearized], target, control, evaluator=evaluator,
+                                                   select_per_task=config.select_per_task,
+                                                   fit_per_task=config.fit_per_task, seed=config.seed,
+                                                   fraction=config.fraction)
+        job, tic = jobs[target, linearized], time.perf_counter()
+        job.trace = []
+        test, detail = METHODS[key].run(job, config, out, key)
+        row = {"target": target, "control": control, "key": key, "method": METHODS[key].label,
+               "target_test": test[0], "control_test": test[1], "control_reference_val": job.reference,
+               "control_kept_val": (detail["control_val"] is not None
+                                    and control_kept(detail["control_val"], job.reference, config.fraction)),
+               "pretrained_control_test": float(job.control.meta["head_test_acc"]),
+               "pretrained_target_test": float(job.target.meta["head_test_acc"]),
+               "seconds": time.perf_counter() - tic, **detail}
+        row["control_kept_test"] = control_kept(row["control_test"], row["pretrained_control_test"], config.fraction)
+        return row
+
+    rows = experiment.run_grid(experiment.grid(target=config.targets, method=config.methods), run, records,
+                               key=lambda spec: f"{spec['target']}/{spec['method']}")
+    return _report(rows, config, [s.bank for s in suites.values()], out, started)
 
 
-def _report(rows: list[dict], config: NegationConfig, bank: Bank, banks: list[Bank], out: Path,
-            heatmaps: dict[str, str], started: float) -> dict:
-    averages = []
-    for method in config.methods:
-        mine = [r for r in rows if r["key"] == method]
+def _report(rows: list[dict], config: NegationConfig, banks: list, out: Path, started: float) -> dict:
+    averages, per_target = [], []
+    for key in config.methods:
+        mine = [r for r in rows if r["key"] == key]
         n = len(mine)
         averages.append({
-            "method": METHODS[method],
+            "method": METHODS[key].label,
             "target (test)": sum(r["target_test"] for r in mine) / n,
             "control (test)": sum(r["control_test"] for r in mine) / n,
             "control / pre-trained": sum(r["control_test"] / r["pretrained_control_test"] for r in mine) / n,
@@ -338,20 +204,15 @@ def _report(rows: list[dict], config: NegationConfig, bank: Bank, banks: list[Ba
             "kept 95% (test)": f"{sum(bool(r['control_kept_test']) for r in mine)}/{n}",
             "seconds": sum(r["seconds"] for r in mine),
         })
-    per_target = []
-    for method in config.methods:
-        cells = {"method": METHODS[method]}
-        for r in rows:
-            if r["key"] == method:
-                cell = f"{100 * r['target_test']:.1f} / {100 * r['control_test']:.1f}"
-                cells[f"{r['target']} (ctl {r['control']})"] = cell
-        per_target.append(cells)
+        per_target.append({"method": METHODS[key].label, **{
+            f"{r['target']} (ctl {r['control']})": f"{100 * r['target_test']:.1f} / {100 * r['control_test']:.1f}"
+            for r in mine}})
     choices = [f"{r['target']} {r['method']}: alpha {r['alpha']:g}" for r in rows if "alpha" in r]
     choices += [f"{r['target']} {r['method']}: epoch {r['best_epoch']}/{config.epochs}" for r in rows
                 if "best_epoch" in r]
     header = (
-        f"Task negation on {bank.config.backbone} @ {bank.config.resolution}px: lower the target's accuracy while "
-        f"the control keeps >= {100 * config.fraction:g}% of the pre-trained control accuracy (rule applied on "
+        f"Task negation on {banks[0].config.label()}: lower the target's accuracy while the control keeps >= "
+        f"{100 * config.fraction:g}% of the pre-trained control accuracy (rule applied on "
         f"{config.select_per_task} held-out validation images per task; aTLAS fitted on up to "
         f"{config.fit_per_task} other validation images). Control: {config.control} "
         f"({config.fallback_control} when the target is {config.control})."
@@ -362,87 +223,39 @@ def _report(rows: list[dict], config: NegationConfig, bank: Bank, banks: list[Ba
         "**Per target**: target / control test accuracy (%)\n\n" + markdown_table(per_target),
         "Choices made on validation data: " + "; ".join(choices) + ".",
     ])
-    bars = plot_bars({a["method"]: a["target (test)"] for a in averages}, out / "negation_target.png",
-                     ylabel="target test accuracy (lower is better)", title="Task negation",
-                     points={METHODS[m]: {r["target"]: r["target_test"] for r in rows if r["key"] == m}
-                             for m in config.methods})
-    payload = {
-        "config": {**{k: v for k, v in asdict(config).items() if k != "bank"}, "out": str(config.out),
-                   "bank": asdict(bank.config)},
-        "banks": {("linearised" if b.config.linearized else "standard"): {"root": str(b.root), "entries": b.table()}
-                  for b in banks},
-        "averages": averages,
-        "rows": rows,
-        "seconds": time.perf_counter() - started,
-    }
-    json_path, md_path = write_results(out, "negation", payload, table)
-    files = {"json": str(json_path), "markdown": str(md_path), "bars": str(bars), **heatmaps}
-    payload["files"] = files
-    write_json(json_path, payload)
-    payload["table"] = table
-    return payload
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
+    bars = experiment.plot_bars({a["method"]: a["target (test)"] for a in averages}, out / "negation_target.png",
+                                ylabel="target test accuracy (lower is better)", title="Task negation",
+                                points={METHODS[m].label: {r["target"]: r["target_test"] for r in rows if r["key"] == m}
+                                        for m in config.methods})
+    payload = {"config": {**asdict(config), "out": str(config.out), "bank": asdict(banks[0].config)},
+               "banks": banks_table(banks), "averages": averages, "rows": rows,
+               "seconds": time.perf_counter() - started}
+    heatmaps = {f"{r['target']}/{r['key']}": r["heatmap"] for r in rows if "heatmap" in r}
+    return publish(out, "negation", payload, table, {"bars": str(bars), **heatmaps})
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """``taskvec run negation``."""
-    d = NegationConfig()
+    """``taskvec run negation``: options generated from :class:`NegationConfig` plus the suite's."""
     parser = subparsers.add_parser(
         "negation",
         help="task negation: forget a target, keep >= 95%% of a control (negated task arithmetic, aTLAS)",
         description="For each target, subtract its task vector (one scale, or aTLAS block coefficients) to lower "
         "its accuracy while a control task keeps >= 95% of the pre-trained model's accuracy. Choices are made on "
-        f"held-out validation images. Control: {DEFAULT_CONTROL}, or {FALLBACK_CONTROL} for {DEFAULT_CONTROL}.",
+        "held-out validation samples.",
     )
-    add = parser.add_argument
-    add("--targets", nargs="+", default=None, help="target tasks (default: all of the suite's)")
-    add("--suite", choices=("vision", "text"), default="vision",
-        help="vision (MobileNetV2 bank) or text (MiniLM bank, zero-shot heads; control bbc_news, or "
-             "wordnet_noun for bbc_news) (default: %(default)s)")
-    add("--control", default=d.control, help="control task (default: %(default)s)")
-    add("--fallback-control", default=d.fallback_control, help="control when the target is the control "
-        "(default: %(default)s)")
-    add("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
-        help=f"among {', '.join(METHODS)} (default: all)")
-    add("--fraction", type=float, default=d.fraction, help="control accuracy to keep (default: %(default)s)")
-    add("--seed", type=int, default=d.seed, help="validation split and training seed (default: %(default)s)")
-    add("--select-per-task", type=int, default=d.select_per_task, help="held-out validation images per task")
-    add("--fit-per-task", type=int, default=d.fit_per_task, help="validation images per task aTLAS trains on")
-    add("--epochs", type=int, default=d.epochs, help="aTLAS epochs (default: %(default)s)")
-    add("--lr", type=float, default=d.lr, help="aTLAS learning rate (default: %(default)s)")
-    add("--bound", choices=("clamp", "uniform", "none"), default=d.bound, help="target term of the objective")
-    add("--bank-root", type=Path, default=None, help="standard bank directory (default: the cache)")
-    add("--linear-bank-root", type=Path, default=None, help="linearised bank directory (default: the cache)")
-    add("--out", type=Path, default=d.out, help="results directory (default: %(default)s)")
-    add("--no-resume", action="store_true", help="recompute jobs already recorded under the same settings")
-    add("--quiet", action="store_true", help="no progress bars")
+    experiment.add_config_arguments(parser, NegationConfig, names={"progress": "--quiet"})
+    add_suite_arguments(parser)
+    parser.add_argument("--linear-bank-root", type=Path, default=None,
+                        help="linearised bank directory, for the _lin methods (default: next to the bank)")
     parser.set_defaults(run=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
-    suite = None
-    if args.suite == "text":
-        from taskvec.suites.text import TextSuite
-
-        suite = TextSuite(root=args.bank_root, progress=not args.quiet)
-        if args.control == DEFAULT_CONTROL and args.fallback_control == FALLBACK_CONTROL:
-            args.control, args.fallback_control = TEXT_CONTROL, TEXT_FALLBACK_CONTROL
-    config = NegationConfig(
-        targets=tuple(args.targets or (suite.tasks if suite is not None else DEFAULT_TASKS)),
-        control=args.control, fallback_control=args.fallback_control,
-        methods=tuple(args.methods), fraction=args.fraction, seed=args.seed, select_per_task=args.select_per_task,
-        fit_per_task=args.fit_per_task, epochs=args.epochs, lr=args.lr, bound=args.bound, out=args.out,
-        resume=not args.no_resume, progress=not args.quiet,
-    )
-    bank = Bank(config.bank, root=args.bank_root) if args.bank_root and suite is None else None
-    linear = (Bank(replace(config.bank, linearized=True), root=args.linear_bank_root)
-              if args.linear_bank_root and suite is None else None)
-    result = run_negation(config, bank=bank, linear_bank=linear, suite=suite)
-    print(result["table"])
-    print("\n" + "\n".join(f"{k}: {v}" for k, v in result["files"].items()))
-    print(f"total {result['seconds']:.0f} s")
+    config = experiment.config_from_args(NegationConfig, args)
+    suite = suite_from_args(args, progress=config.progress)
+    linear = (make_suite(args.suite, root=args.linear_bank_root, progress=config.progress, linearized=True)
+              if args.linear_bank_root else None)
+    result = run_negation(config, suite=suite, linear_suite=linear)
+    files = "\n".join(f"{k}: {v}" for k, v in result["files"].items())
+    print(f"{result['table']}\n\n{files}\ntotal {result['seconds']:.0f} s")
     return 0

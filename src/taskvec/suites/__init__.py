@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from taskvec.train import Loader
@@ -72,6 +73,20 @@ class Suite(Protocol):
 
     def scores(self, model: nn.Module, head: nn.Module, split: Any) -> dict[str, float]:
         """``{"acc", "balanced_acc"}`` of ``head(model(inputs))`` on a split (the report's numbers)."""
+        ...
+
+    def augment_inputs(self, x: Tensor, generator: torch.Generator | None, strength: str) -> Tensor:
+        """A ``weak`` or ``strong`` view of a batch of inputs (what SimCLR and UFM compare), a function of
+        ``(x, generator)``; ``None`` draws from torch's global generator (``fit`` reseeds it per epoch)."""
+        ...
+
+    def unlabelled(self, split: Any) -> Any:
+        """The split with every label replaced by -1: what adaptation on test inputs may hold."""
+        ...
+
+    def unlabelled_loader(self, split: Any, *, batch_size: int, trusted: tuple[Tensor, Tensor] | None = None) -> Loader:
+        """Shuffled input batches ``x`` of a split, never its labels; with UFM's ``trusted = (indices,
+        pseudo-labels)``, ``(x, TrustedTargets)`` batches of two streams (:func:`taskvec.batching.index_loader`)."""
         ...
 
 

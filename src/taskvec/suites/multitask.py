@@ -53,13 +53,16 @@ def suite_mixed_loader(
 
 
 class SuiteMultiTaskData(MultiTaskData):
-    """:class:`MultiTaskData` whose bank, base, heads, splits, batches and scores come from ``suite``."""
+    """:class:`MultiTaskData` whose bank, base, heads, splits, batches and scores come from ``suite``.
+
+    ``evaluator(model, head, split) -> float`` computes every accuracy (default ``suite.accuracy``):
+    tests inject spies or label scramblers through it to prove which splits steer the choices."""
 
     def __init__(self, suite: Any, tasks: Sequence[str], config: MultiTaskSettings,
                  evaluator: Evaluator | None = None) -> None:
         self.suite = suite
         self.bank = suite.bank
-        self.evaluator = evaluator or self._suite_accuracy
+        self.evaluator = evaluator or suite.accuracy
         self.tasks = list(tasks)
         self.base = suite.backbone()
         self.norm: dict = {}
@@ -71,8 +74,13 @@ class SuiteMultiTaskData(MultiTaskData):
         self.select, self.fit = selection_and_fitting_parts({t: data[t].val for t in tasks}, config)
         self.finetuned = {t: float(self.meta[t]["finetuned_test_acc"]) for t in tasks}
 
-    def _suite_accuracy(self, model: nn.Module, head: nn.Module, split: Any, *_: Any, **__: Any) -> float:
-        return float(self.suite.accuracy(model, head, split))
+    def selection_scores(self, model: nn.Module) -> dict[str, float]:
+        """Accuracy on each task's selection part (validation data)."""
+        return {t: float(self.evaluator(model, self.heads[t], self.select[t])) for t in self.tasks}
+
+    def test_scores(self, model: nn.Module) -> dict[str, float]:
+        """Accuracy on each task's test split: the report, never a choice."""
+        return {t: float(self.evaluator(model, self.heads[t], self.test[t])) for t in self.tasks}
 
     def mixed(self, parts: Sequence[Any], batch_sizes: int | Sequence[int], *, steps: int | None = None,
               augmentation: str | None = None, labels: bool = True) -> Loader:

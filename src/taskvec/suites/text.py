@@ -29,8 +29,15 @@ import torch
 from torch import Tensor, nn
 
 from taskvec.bank import Bank, BankConfig
+from taskvec.batching import index_loader
 from taskvec.data.text import TextSet, TextTask, available_text_tasks, load_text_task
-from taskvec.data.text_transforms import DEFAULT_MAX_LENGTH, TokenizedTexts, augment_texts, pad_sequences
+from taskvec.data.text_transforms import (
+    DEFAULT_MAX_LENGTH,
+    TokenizedTexts,
+    augment_packed,
+    augment_texts,
+    pad_sequences,
+)
 from taskvec.evaluate import balanced_accuracy, model_device
 from taskvec.fetch import fetch_pypi
 from taskvec.heads import LinearHead
@@ -125,6 +132,9 @@ class TextBankConfig(BankConfig):
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
         mode = "-linear" if self.linearized else ""
         return f"text-{self.backbone}-{self.resolution}tok{mode}-{digest}"
+
+    def label(self) -> str:
+        return f"{self.backbone} @ {self.resolution} tokens"
 
 
 class TextSuite:
@@ -263,6 +273,39 @@ class TextSuite:
 
     def accuracy(self, model: nn.Module, head: nn.Module, split: TextSet) -> float:
         return self.scores(model, head, split)["acc"]
+
+    def augment_inputs(self, x: Tensor, generator: torch.Generator | None, strength: str) -> Tensor:
+        """A view of a packed ``(B, 2, L)`` batch: the strength's word dropout and jitter on its tokens
+        (:func:`~taskvec.data.text_transforms.augment_packed`; same settings as the string views)."""
+        if strength not in AUGMENTATIONS:
+            raise ValueError(f"unknown text augmentation {strength!r}; choose from {sorted(AUGMENTATIONS)}")
+        special, continuation = self._word_pieces()
+        return augment_packed(x, generator, **AUGMENTATIONS[strength], special=special, continuation=continuation,
+                              pad_id=int(self.tokenizer.pad_token_id))
+
+    def _word_pieces(self) -> tuple[frozenset[int], frozenset[int]]:
+        """(special token ids, ids of pieces that continue a word: WordPiece's ``##`` tokens)."""
+        if not hasattr(self, "_pieces"):
+            tok = self.tokenizer
+            vocab = tok.get_vocab()
+            self._pieces = (frozenset(int(i) for i in tok.all_special_ids),
+                            frozenset(int(i) for piece, i in vocab.items() if piece.startswith("##")))
+        return self._pieces
+
+    def unlabelled(self, split: TextSet) -> TextSet:
+        """The split's texts without their labels (all -1): what test-time adaptation may hold."""
+        return TextSet(list(split.texts), torch.full((len(split.texts),), -1, dtype=torch.long))
+
+    def unlabelled_loader(self, split: TextSet, *, batch_size: int,
+                          trusted: tuple[Tensor, Tensor] | None = None) -> Loader:
+        """Shuffled packed batches of the split's texts, no labels (UFM: two streams, see
+        :func:`taskvec.batching.index_loader`); tokenised once, each batch padded to its longest text."""
+        tok = TokenizedTexts(split.texts, None, self.tokenizer, self.config.resolution)
+
+        def take(idx: Tensor) -> Tensor:
+            return pack(*pad_sequences([tok.ids[i] for i in idx.tolist()], tok.pad_id))
+
+        return index_loader(len(tok), batch_size, take, trusted)
 
     # -- text specifics -----------------------------------------------------------------------------
 

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from taskvec.bank import DEFAULT_TASKS, Bank, BankConfig
-from taskvec.batching import image_loader
+from taskvec.batching import image_loader, unlabelled, unlabelled_loader
 from taskvec.data import ImageSet, augment
 from taskvec.evaluate import accuracy, balanced_accuracy, features, logits
 from taskvec.train import Loader
@@ -49,6 +50,15 @@ class VisionSuite:
         """Where a target's k shots come from: its validation split. The head was fitted on the training
         split, so shots from there would be images it has memorised (loss near zero, accuracy inflated)."""
         return task.val
+
+    def linearized(self) -> VisionSuite:
+        """The same suite over the linearised bank of the same settings (vectors fine-tuned in tangent
+        space), a sibling of this bank's directory, as :meth:`TextSuite.linearized`."""
+        from dataclasses import replace
+
+        config = replace(self.bank.config, linearized=True)
+        bank = Bank(config, root=self.bank.root.parent / config.key(), loader=self.bank.loader)
+        return VisionSuite(bank, tasks=self._tasks, progress=self.progress)
 
     def build(self, tasks: Sequence[str] | None = None) -> None:
         self.bank.build(tuple(tasks or self._tasks), progress=self.progress)
@@ -93,6 +103,21 @@ class VisionSuite:
 
     def augment(self, x, generator, strength: str):
         return augment(x, generator, strength, **self.norm)
+
+    def augment_inputs(self, x: Tensor, generator: torch.Generator | None, strength: str) -> Tensor:
+        """A view of a normalised image batch (:func:`taskvec.data.augment` with the backbone's norm);
+        ``generator=None`` draws from torch's global generator, which ``fit`` reseeds every epoch."""
+        return augment(x, generator, strength, **self.norm)
+
+    def unlabelled(self, split: ImageSet) -> ImageSet:
+        """The split's images without their labels (all -1): what test-time adaptation may hold."""
+        return unlabelled(split.images)
+
+    def unlabelled_loader(self, split: ImageSet, *, batch_size: int,
+                          trusted: tuple[Tensor, Tensor] | None = None) -> Loader:
+        """Shuffled input batches of the split's images, no labels (UFM: two streams, see
+        :func:`taskvec.batching.index_loader`)."""
+        return unlabelled_loader(split.images, self._resolution, self.norm, batch_size, trusted)
 
     def accuracy(self, model: nn.Module, head: nn.Module, split: ImageSet) -> float:
         return accuracy(model, head, split, self._resolution, **self.norm)
