@@ -76,6 +76,7 @@ def test_mean_se_and_summarize_against_statistics():
 class _Config:
     targets: tuple[str, ...] = field(default=("a", "b"), metadata={"help": "target tasks"})
     shots: int = field(default=4, metadata={"help": "k per class"})
+    seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "seeds (default: one)"})
     lr: float | None = field(default=None, metadata={"help": "learning rate"})
     out: Path = field(default=Path("runs/x"), metadata={"help": "results directory"})
     resume: bool = field(default=True, metadata={"help": "reuse finished jobs"})
@@ -89,7 +90,9 @@ class _Config:
 def test_cli_is_generated_from_the_config_dataclass():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, _Config)
-    assert "k per class" in parser.format_help() and "--hidden" not in parser.format_help()
+    text = " ".join(parser.format_help().split())
+    assert "k per class (default: 4)" in text and "--hidden" not in text
+    assert "seeds (default: one)" in text and "(default: one) (default" not in text  # said once
     args = parser.parse_args(["--targets", "c", "--shots", "2", "--lr", "0.5", "--out", "o", "--no-resume"])
     config = config_from_args(_Config, args)
     assert config == _Config(targets=("c",), shots=2, lr=0.5, out=Path("o"), resume=False)

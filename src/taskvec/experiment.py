@@ -402,6 +402,8 @@ def add_config_arguments(
             f.default_factory() if f.default_factory is not MISSING else None)
         flag = names.get(f.name, "--" + f.name.replace("_", "-"))
         text = f.metadata["help"]
+        # a help text that already says its default (e.g. "default: all of the suite's") is not given another
+        shown = text if "default" in text else f"{text} (default: %(default)s)"
         hint = hints[f.name]
         if hint is bool:
             if default:
@@ -414,11 +416,11 @@ def add_config_arguments(
             element = typing.get_args(hint)[0]
             parser.add_argument(flag, dest=f.name, nargs="+", type=element, default=list(default),
                                 choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"),
-                                help=f"{text} (default: %(default)s)")
+                                help=shown)
             continue
         kind, _ = _scalar(hint)
         parser.add_argument(flag, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"),
-                            metavar=f.metadata.get("metavar"), help=f"{text} (default: %(default)s)")
+                            metavar=f.metadata.get("metavar"), help=shown)
 
 
 def config_from_args(config_class: type, args: argparse.Namespace, **overrides: Any) -> Any:
