@@ -105,7 +105,7 @@ def test_resume_reuses_the_trained_inference_network(bank, tmp_path, monkeypatch
     def refuse(*args, **kwargs):
         raise AssertionError("a finished part was retrained")
 
-    monkeypatch.setattr(recipe, "train_variational", refuse)
+    monkeypatch.setattr(recipe.vx, "train_variational", refuse)
     monkeypatch.setattr(recipe, "train_multitask", refuse)
     second = run_variational(config, suite=on(bank))
     assert second["addition"]["variational"]["test_acc"] == first["addition"]["variational"]["test_acc"]

@@ -11,15 +11,15 @@ import torch
 
 pytest.importorskip("transformers")
 
-import test_suite_text as text_fixtures  # noqa: E402
-from test_suite_text import TINY, fake_task, make_suite  # noqa: E402
+import test_suite_text as text_fixtures
+from test_suite_text import TINY, fake_task, make_suite
 
-from taskvec.cli import main  # noqa: E402
-from taskvec.compose import Composer  # noqa: E402
-from taskvec.recipes.variational import VariationalRecipeConfig, run_variational, shot_pool  # noqa: E402
-from taskvec.suites.text import pack  # noqa: E402
-from taskvec.variational import VariationalComposer, VariationalConfig  # noqa: E402
-from taskvec.workflow import CoefficientSchedule, MultiTaskSetup  # noqa: E402
+from taskvec.cli import main
+from taskvec.compose import Composer
+from taskvec.recipes.variational import VariationalRecipeConfig, run_variational, shot_pool
+from taskvec.suites.text import pack
+from taskvec.variational import VariationalComposer, VariationalConfig
+from taskvec.workflow import CoefficientSchedule, MultiTaskSetup
 
 tiny = text_fixtures.tiny  # the tiny BERT + tokenizer fixture
 TASKS = ("alpha", "beta", "gamma")

@@ -29,40 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
+import taskvec.variational.experiment as vx
+from taskvec import experiment as ex
+from taskvec import workflow
 from taskvec.compose import Composer
-from taskvec.evaluate import selection_metric
-from taskvec.experiment import (
-    RecordStore,
-    add_config_arguments,
-    config_from_args,
-    fingerprint,
-    grid,
-    history,
-    json_safe,
-    mean_se,
-    run_grid,
-)
 from taskvec.report import markdown_table, write_results
 from taskvec.suites import add_suite_arguments, make_suite, suite_from_args
 from taskvec.suites.multitask import SuiteMultiTaskData
-from taskvec.variational import ELBOLoss, MultitaskELBOLoss, VariationalComposer, VariationalConfig, plot_kept_fraction
-from taskvec.variational.experiment import (
-    RUNNERS,
-    gated_logits,
-    gated_scores,
-    inference_cost,
-    probe_batch,
-    train_variational,
-)
-from taskvec.workflow import (
-    DEFAULT_RESULTS,
-    CoefficientSchedule,
-    MultiTaskSetup,
-    few_shot_pool,
-    few_shot_split,
-    learn_atlas,
-    train_multitask,
-)
+from taskvec.variational import VariationalConfig, plot_kept_fraction
+from taskvec.workflow import DEFAULT_RESULTS, CoefficientSchedule, MultiTaskSetup, learn_atlas, train_multitask
 
 PARTS = ("addition", "fewshot")
 
@@ -94,35 +69,31 @@ class VariationalRecipeConfig:
         "help": "report on a seeded subset of at most this many test samples per task (0: all)"})
     timing_batch: int = field(default=64, metadata={"help": "inputs per batch in the inference-cost timing"})
     timing_rounds: int = field(default=5, metadata={"help": "timing rounds (the best is reported)"})
-    timing_runners: tuple[str, ...] = RUNNERS
+    timing_runners: tuple[str, ...] = vx.RUNNERS
     out: Path = field(default=DEFAULT_RESULTS / "variational", metadata={"help": "results directory"})
     resume: bool = field(default=True, metadata={"help": "recompute finished parts"})
     progress: bool = field(default=True, metadata={"help": "no progress bars"})
 
     def __post_init__(self) -> None:
-        self.parts, self.tasks, self.targets = tuple(self.parts), tuple(self.tasks), tuple(self.targets)
-        self.shots, self.seeds = tuple(self.shots), tuple(self.seeds)
-        unknown = [p for p in self.parts if p not in PARTS]
-        if unknown or not self.parts:
-            raise ValueError(f"parts {unknown or '[]'}: choose a non-empty subset of {list(PARTS)}")
-        if self.tasks and [t for t in self.targets if t not in self.tasks]:
-            raise ValueError(f"few-shot targets {[t for t in self.targets if t not in self.tasks]} are not among "
-                             f"tasks {list(self.tasks)}")
-        if "fewshot" in self.parts and (not self.targets or not self.seeds or any(k < 1 for k in self.shots)
-                                        or not self.shots):
-            raise ValueError(f"few-shot needs targets, shots >= 1 and seeds; got targets={self.targets}, "
-                             f"shots={self.shots}, seeds={self.seeds}")
-        if not 0.0 <= self.kl_warmup_fraction <= 1.0:
-            raise ValueError(f"kl_warmup_fraction must lie in [0, 1], got {self.kl_warmup_fraction}")
-        if self.test_limit < 0 or self.timing_batch < 1 or self.timing_rounds < 1:
-            raise ValueError(f"test_limit must be >= 0, timing_batch and timing_rounds >= 1; got {self.test_limit}, "
-                             f"{self.timing_batch}, {self.timing_rounds}")
+        for name in ("parts", "tasks", "targets", "shots", "seeds", "timing_runners"):
+            setattr(self, name, tuple(getattr(self, name)))
+        problems = {
+            "parts": (not self.parts or not set(self.parts) <= set(PARTS), f"a non-empty subset of {list(PARTS)}"),
+            "targets": (bool(self.tasks) and not set(self.targets) <= set(self.tasks), f"among tasks {self.tasks}"),
+            "shots": (not self.shots or min(self.shots) < 1, "non-empty, each >= 1"), "seeds": (not self.seeds, ""),
+            "kl_warmup_fraction": (not 0.0 <= self.kl_warmup_fraction <= 1.0, "in [0, 1]"),
+            "test_limit": (self.test_limit < 0, ">= 0"), "timing_batch": (self.timing_batch < 1, ">= 1"),
+            "timing_rounds": (self.timing_rounds < 1, ">= 1"),
+            "timing_runners": (not set(self.timing_runners) <= set(vx.RUNNERS), f"among {vx.RUNNERS}")}
+        for name, (bad, expected) in problems.items():
+            if bad:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be {expected or 'non-empty'}")
 
 
 @dataclass(frozen=True)
 class Method:
-    """A row of both parts: ``addition(ctx, config, out, found) -> (row, model)`` (``found``: the recorded
-    row, whose saved state is reloaded), ``fewshot(job) -> record``."""
+    """One compared method: ``addition(ctx, config, out, found) -> (row, model)`` (``found``: its recorded
+    row, whose saved coefficients or network are reloaded instead of retrained); ``fewshot(job) -> record``."""
 
     label: str
     addition: Callable[..., tuple[dict, nn.Module]]
@@ -133,22 +104,12 @@ def shot_pool(suite: Any, splits: Any) -> Any:
     """The split a target's shots come from: the suite's choice where it makes one (``few_shot_pool``),
     else :func:`taskvec.workflow.few_shot_pool` (the validation split)."""
     choose = getattr(suite, "few_shot_pool", None)
-    return choose(splits) if callable(choose) else few_shot_pool(splits)
+    return choose(splits) if callable(choose) else workflow.few_shot_pool(splits)
 
 
-def _limited(split: Any, limit: int) -> Any:
-    """A seeded subset of at most ``limit`` samples (0: the split): the same for every method."""
-    if limit == 0 or len(split) <= limit:
-        return split
-    return split.subset(torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:limit].sort()[0])
-
-
-def _variational(config: VariationalRecipeConfig, base: nn.Module, vectors: list, suite: Any, probe: Any,
-                 init: float) -> VariationalComposer:
-    dim = getattr(base, "feature_dim", None)
-    dim = dim if isinstance(dim, int) else int(suite.features(base, probe.subset(torch.arange(1))).shape[-1])
-    return VariationalComposer(Composer(base, vectors, config.granularity, init=init), feature_dim=dim,
-                               config=replace(config.variational))
+def _elbo(config: VariationalRecipeConfig) -> dict:
+    return {"kl_weight": config.kl_weight, "kl_normalizer": config.kl_normalizer, "weight_decay": config.weight_decay,
+            "kl_warmup_fraction": config.kl_warmup_fraction}
 
 
 def _setup(config: VariationalRecipeConfig) -> MultiTaskSetup:
@@ -164,49 +125,41 @@ def _add_row(key: str, ctx: Any, test: dict[str, dict], selection: float, **extr
 
 
 def _atlas_addition(ctx: Any, config: VariationalRecipeConfig, out: Path, found: dict | None) -> tuple[dict, nn.Module]:
-    composer = Composer(ctx.base, ctx.vectors(), "block", init=config.addition.init)
     file = out / "addition_atlas_coefficients.safetensors"
+    composer = Composer(ctx.base, ctx.vectors(), "block", init=config.addition.init)
     if found is not None and file.is_file():
         composer.load_coefficients(file)
         return found, composer.merge()
     tic = time.perf_counter()
     result = train_multitask(composer, ctx, _setup(config), "aTLAS (block)", out / "addition_atlas.ckpt")
-    train_seconds = time.perf_counter() - tic
-    merged = composer.merge()
+    train_seconds, merged = time.perf_counter() - tic, composer.merge()
     test = {t: ctx.suite.scores(merged, ctx.heads[t], ctx.test[t]) for t in ctx.tasks}
     composer.save_coefficients(file, extra={"recipe": "variational", "method": "atlas"})
     return _add_row("atlas", ctx, test, float(result.best_metric), learned=composer.coefficients.numel(),
-                    best_epoch=result.best_epoch, history=history(result), train_seconds=train_seconds,
+                    best_epoch=result.best_epoch, history=ex.history(result), train_seconds=train_seconds,
                     seconds=time.perf_counter() - tic), merged
 
 
 def _variational_addition(ctx: Any, config: VariationalRecipeConfig, out: Path,
                           found: dict | None) -> tuple[dict, nn.Module]:
-    tic = time.perf_counter()
-    model = _variational(config, ctx.suite.backbone(), ctx.vectors(), ctx.suite, ctx.fit[ctx.tasks[0]],
-                         config.addition.init)
-    file = out / "variational_addition_inference.safetensors"
+    tic, file = time.perf_counter(), out / "variational_addition_inference.safetensors"
+    model = vx.variational_composer(ctx.suite, ctx.suite.backbone(), ctx.vectors(), config.granularity,
+                                    config.variational, init=config.addition.init, probe=ctx.fit[ctx.tasks[0]])
     if found is not None and file.is_file():
         model.load_inference(file)
         return found, model
-    setup = _setup(config)
-    loss = MultitaskELBOLoss([ctx.heads[t] for t in ctx.tasks], sum(len(ctx.fit[t]) for t in ctx.tasks), 0,
-                             kl_weight=config.kl_weight, kl_normalizer=config.kl_normalizer)
-    result = train_variational(
-        model, loss, ctx.mixed([ctx.fit[t] for t in ctx.tasks], setup.batch_per_task, augmentation=setup.augmentation),
-        epochs=setup.epochs, lr=config.lr, weight_decay=config.weight_decay, seed=setup.seed,
-        kl_warmup_fraction=config.kl_warmup_fraction, evaluate=ctx.selection_score, progress=config.progress,
-        description="variational (addition)", checkpoint=out / "variational_addition.ckpt", resume=config.resume)
+    result = vx.learn_variational_multitask(model, ctx, _setup(config), lr=config.lr, **_elbo(config),
+                                            checkpoint=out / "variational_addition.ckpt")
     train_seconds = time.perf_counter() - tic
     model.save(file, extra={"recipe": "variational", "part": "addition"})
-    gated = {t: gated_scores(model, ctx.heads[t], ctx.test[t], ctx.suite) for t in ctx.tasks}
+    gated = {t: vx.gated_scores(model, ctx.heads[t], ctx.test[t], ctx.suite) for t in ctx.tasks}
     kept = {t: float(gated[t][1].mean()) for t in ctx.tasks}
-    row = _add_row("variational", ctx, {t: gated[t][0] for t in ctx.tasks},
-                   float(result.best_metric), kept_fraction=kept, kept_fraction_avg=sum(kept.values()) / len(kept),
-                   kept_per_block=torch.stack([gated[t][1] for t in ctx.tasks]).mean(0).tolist(),
-                   best_epoch=result.best_epoch, history=history(result), train_seconds=train_seconds,
-                   learned=sum(p.numel() for p in model.inference.parameters()), seconds=time.perf_counter() - tic)
-    return row, model
+    return _add_row("variational", ctx, {t: gated[t][0] for t in ctx.tasks}, float(result.best_metric),
+                    kept_fraction=kept, kept_fraction_avg=sum(kept.values()) / len(kept),
+                    kept_per_block=torch.stack([gated[t][1] for t in ctx.tasks]).mean(0).tolist(),
+                    best_epoch=result.best_epoch, history=ex.history(result), train_seconds=train_seconds,
+                    learned=sum(p.numel() for p in model.inference.parameters()),
+                    seconds=time.perf_counter() - tic), model
 
 
 def _atlas_fewshot(job: dict) -> dict:
@@ -218,20 +171,14 @@ def _atlas_fewshot(job: dict) -> dict:
 
 
 def _variational_fewshot(job: dict) -> dict:
-    config, suite, head, train, val, schedule = (job[k] for k in ("config", "suite", "head", "train", "val",
-                                                                  "schedule"))
-    model = _variational(config, job["base"], job["vectors"], suite, train, 0.0)
-    loader = suite.loader(train, batch_size=schedule.batch_size, augmentation=schedule.augmentation,
-                          min_steps=schedule.min_steps_per_epoch)
-    loss = ELBOLoss(head, len(train), 0, kl_weight=config.kl_weight, kl_normalizer=config.kl_normalizer)
-    evaluate = None if val is None else (lambda m: selection_metric(gated_logits(m, head, val, suite)[0], val))
-    result = train_variational(model, loss, loader, epochs=schedule.epochs, lr=config.fewshot_lr,
-                               weight_decay=config.weight_decay, kl_warmup_fraction=config.kl_warmup_fraction,
-                               seed=job["seed"], evaluate=evaluate, progress=config.progress,
-                               description=f"variational {job['target']} k={job['k']} s={job['seed']}")
-    scores, kept = gated_scores(model, head, job["test"], suite)
+    config, suite, head, val = job["config"], job["suite"], job["head"], job["val"]
+    model = vx.variational_composer(suite, job["base"], job["vectors"], config.granularity, config.variational,
+                                    probe=job["train"])
+    result = vx.learn_variational(model, head, job["train"], val, suite, job["schedule"], lr=config.fewshot_lr,
+                                  **_elbo(config), description=f"variational {job['target']} k={job['k']}")
+    scores, kept = vx.gated_scores(model, head, job["test"], suite)
     return {"test_acc": scores["acc"], "test_balanced_acc": scores["balanced_acc"],
-            "selection_acc": None if val is None else gated_scores(model, head, val, suite)[0]["acc"],
+            "selection_acc": None if val is None else vx.gated_scores(model, head, val, suite)[0]["acc"],
             "best_epoch": result.best_epoch, "kept_fraction": float(kept.mean())}
 
 
@@ -245,9 +192,9 @@ def run_addition_part(config: VariationalRecipeConfig, suite: Any, tasks: tuple[
                       settings: dict, evaluator: Any = None) -> dict:
     """aTLAS and the variational composer over the whole bank; the gate's kept fraction; inference cost."""
     ctx = SuiteMultiTaskData(suite, tasks, _setup(config), evaluator)
-    ctx.test = {t: _limited(ctx.test[t], config.test_limit) for t in tasks}
-    records = RecordStore(out / "variational_addition_records.jsonl", fingerprint({**settings, "part": "addition"}),
-                          config.resume)
+    ctx.test = {t: vx.seeded_subset(ctx.test[t], config.test_limit) for t in tasks}
+    records = ex.RecordStore(out / "variational_addition_records.jsonl",
+                             ex.fingerprint({**settings, "part": "addition"}), config.resume)
     rows, models = {}, {}
     for key, method in METHODS.items():
         found = records.get(key)
@@ -257,152 +204,125 @@ def run_addition_part(config: VariationalRecipeConfig, suite: Any, tasks: tuple[
     variational = models["variational"]
     kept_plot = plot_kept_fraction(torch.tensor(rows["variational"]["kept_per_block"]),
                                    variational.composer.block_names, variational.vector_names,
-                                   out / "variational_addition_kept.png",
-                                   title="variational composition, task addition: fraction of test inputs for "
-                                         "which the gate keeps each (vector, block)")
-    probe = probe_batch(suite, ctx.test[tasks[0]], config.timing_batch)
-    cost = inference_cost(variational, models["atlas"], probe, config.timing_rounds, config.timing_runners)
+                                   out / "variational_addition_kept.png", title="variational composition, task "
+                                   "addition: fraction of test inputs for which the gate keeps each (vector, block)")
+    probe = vx.probe_batch(suite, ctx.test[tasks[0]], config.timing_batch)
+    cost = vx.inference_cost(variational, models["atlas"], probe, config.timing_rounds, config.timing_runners)
     return {"atlas": rows["atlas"], "variational": rows["variational"], "cost": cost, "kept_plot": str(kept_plot),
-            "atlas_coefficients": str(out / "addition_atlas_coefficients.safetensors"), "tasks": list(tasks),
-            "sizes": {t: {"select": len(ctx.select[t]), "fit": len(ctx.fit[t]), "test": len(ctx.test[t])}
-                      for t in tasks}}
+            "tasks": list(tasks), "sizes": {t: {"select": len(ctx.select[t]), "fit": len(ctx.fit[t]),
+                                                "test": len(ctx.test[t])} for t in tasks}}
 
 
 def run_fewshot_part(config: VariationalRecipeConfig, suite: Any, tasks: tuple[str, ...], out: Path,
                      settings: dict) -> dict:
-    """Per (target, k, seed): the same shots for every method, records kept per job (resumable)."""
+    """Per (target, k, seed) job: the same shots for every method; records kept per job (resumable)."""
     base = suite.backbone()
-    records = RecordStore(out / "variational_fewshot_records.jsonl", fingerprint({**settings, "part": "fewshot"}),
-                          config.resume)
 
     def run_job(job: Any) -> dict:
-        target, k, seed = job["target"], job["k"], job["seed"]
-        splits = suite.splits(target)
-        train, val = few_shot_split(shot_pool(suite, splits), k, seed)
-        context = {"config": config, "suite": suite, "base": base, "target": target, "k": k, "seed": seed,
-                   "vectors": suite.vectors([t for t in tasks if t != target]), "head": suite.head(target),
-                   "train": train, "val": val, "test": _limited(splits.test, config.test_limit),
-                   "schedule": replace(config.schedule, progress=config.progress, seed=seed),
-                   "progress": config.progress}
-        common = {"target": target, "k": k, "seed": seed, "train_images": len(train),
-                  "selection_images": 0 if val is None else len(val)}
+        splits = suite.splits(job["target"])
+        train, val = workflow.few_shot_split(shot_pool(suite, splits), job["k"], job["seed"])
+        context = {**job, "config": config, "suite": suite, "base": base, "head": suite.head(job["target"]),
+                   "vectors": suite.vectors([t for t in tasks if t != job["target"]]), "train": train, "val": val,
+                   "test": vx.seeded_subset(splits.test, config.test_limit), "progress": config.progress,
+                   "schedule": replace(config.schedule, progress=config.progress, seed=job["seed"])}
+        common = {**job, "train_images": len(train), "selection_images": 0 if val is None else len(val)}
         done = []
         for key, method in METHODS.items():
             tic = time.perf_counter()
             done.append({**common, "method": key, **method.fewshot(context), "seconds": time.perf_counter() - tic})
         return {"records": done}
 
-    jobs = grid(target=config.targets, k=config.shots, seed=config.seeds)
-    done = [r for value in run_grid(jobs, run_job, records) for r in value["records"]]
-    summary = []
-    for key in METHODS:
-        for k in config.shots:
-            mine = [r for r in done if r["method"] == key and r["k"] == k]
-            per_seed = [sum(accs) / len(accs) for s in config.seeds
-                        if (accs := [r["test_acc"] for r in mine if r["seed"] == s])]
-            mean, se = mean_se(per_seed)
-            balanced = mean_se([r["test_balanced_acc"] for r in mine])
-            kept = [r["kept_fraction"] for r in mine if "kept_fraction" in r]
-            summary.append({"method": key, "k": k, "mean": mean, "se": se, "balanced_mean": balanced[0],
-                            "balanced_se": balanced[1], "kept_fraction": sum(kept) / len(kept) if kept else None,
-                            "seconds": sum(r["seconds"] for r in mine)})
-    return {"records": done, "summary": summary}
+    records = ex.RecordStore(out / "variational_fewshot_records.jsonl",
+                             ex.fingerprint({**settings, "part": "fewshot"}), config.resume)
+    jobs = ex.grid(target=config.targets, k=config.shots, seed=config.seeds)
+    done = [r for value in ex.run_grid(jobs, run_job, records) for r in value["records"]]
+    kept = [r for r in done if "kept_fraction" in r]
+    return {"records": done, "summary": {
+        "acc": ex.summarize(done)["average"], "balanced_acc": ex.summarize(done, "test_balanced_acc")["average"],
+        "kept_fraction": ex.summarize(kept, "kept_fraction")["average"] if kept else []}}
+
+
+PART_RUNNERS = {"addition": run_addition_part, "fewshot": run_fewshot_part}
 
 
 def run_variational(config: VariationalRecipeConfig | None = None, *, suite: Any = None,
                     evaluator: Any = None) -> dict:
-    """Run the requested parts on ``suite`` (default: vision); returns what ``<out>/variational.json`` holds."""
+    """Run the requested parts on ``suite`` (default: vision); returns what ``<out>/variational.json`` holds.
+    ``evaluator`` scores task addition's selection parts (tests inject spies through it)."""
     config = config or VariationalRecipeConfig()
     suite = suite if suite is not None else make_suite("vision", progress=config.progress)
     tasks = config.tasks or tuple(suite.tasks)
     missing = [t for t in config.targets if t not in tasks] if "fewshot" in config.parts else []
     if missing:
         raise ValueError(f"few-shot targets {missing} are not among the suite's tasks {list(tasks)}; pass --targets")
-    started = time.perf_counter()
+    started, out = time.perf_counter(), Path(config.out)
     suite.bank.build(tasks, progress=config.progress)
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {**{k: v for k, v in asdict(config).items() if k not in ("out", "resume", "progress", "parts")},
                 "tasks": tasks, "suite": suite.identity()}
-    payload: dict = {"config": json_safe({**asdict(config), "tasks": tasks,
-                                          "variational": json.loads(config.variational.to_json())}),
-                     "suite": json_safe(suite.identity())}
-    sections = []
+    payload: dict = {"config": ex.json_safe({**asdict(config), "tasks": tasks,
+                                             "variational": json.loads(config.variational.to_json())}),
+                     "suite": ex.json_safe(suite.identity())}
     for part in config.parts:
         tic = time.perf_counter()
-        if part == "addition":
-            payload[part] = run_addition_part(config, suite, tasks, out, settings, evaluator)
-        else:
-            payload[part] = run_fewshot_part(config, suite, tasks, out, settings)
-        payload[part]["seconds"] = time.perf_counter() - tic
-        sections.append(TABLES[part](payload[part], config))
+        extra = {"evaluator": evaluator} if part == "addition" else {}
+        payload[part] = {**PART_RUNNERS[part](config, suite, tasks, out, settings, **extra),
+                         "seconds": time.perf_counter() - tic}
     payload["seconds"] = time.perf_counter() - started
-    kl_scale = "per-sample ELBO" if config.kl_normalizer == "sample" else "KL divided by the number of fitting samples"
-    sections.append(f"Objective: {kl_scale}, KL weight beta = {config.kl_weight:g} (warm-up over "
-                    f"{config.kl_warmup_fraction:.0%} of the steps); per-sample runner {config.variational.method!r}.")
-    table = "\n\n".join(sections)
-    json_path, md_path = write_results(out, "variational", json_safe(payload), table)
-    payload["files"] = {"json": str(json_path), "markdown": str(md_path)}
+    table = _table(payload, config)
+    payload["files"] = {"json": str(out / "variational.json"), "markdown": str(out / "variational.md"),
+                        **({"kept_plot": payload["addition"]["kept_plot"]} if "addition" in payload else {})}
+    write_results(out, "variational", ex.json_safe(payload), table)
+    return {**payload, "table": table}
+
+
+def _table(payload: dict, config: VariationalRecipeConfig) -> str:
+    sections = []
     if "addition" in payload:
-        payload["files"]["kept_plot"] = payload["addition"]["kept_plot"]
-    write_results(out, "variational", json_safe(payload), table)
-    payload["table"] = table
-    return payload
+        part, tasks = payload["addition"], payload["addition"]["tasks"]
+        rows = [{"method": r["method"], **{t[:12]: r["test_acc"][t] for t in tasks}, "avg": r["avg_acc"],
+                 "avg balanced": sum(r["test_balanced_acc"].values()) / len(tasks), "avg normalised":
+                 r["avg_normalized"], "kept": r.get("kept_fraction_avg", 1.0), "seconds": r["seconds"]}
+                for r in (part["atlas"], part["variational"])]
+        cost = [{"inference": r["method"], "ms / batch": r["ms_per_batch"], "x merged": r["relative"]}
+                for r in part["cost"]]
+        sections += [f"**Task addition** over {len(tasks)} tasks, test accuracy (normalised: over each task's "
+                     "fine-tuned accuracy); both rows trained on the same fitting parts of the validation splits and "
+                     "selected on the same selection parts. 'kept': fraction of coefficients the gate keeps, averaged "
+                     "over test inputs.", markdown_table(rows), f"**Inference cost** per batch of {config.timing_batch}"
+                     f" (CPU, best of {config.timing_rounds}), relative to the merged aTLAS network:",
+                     markdown_table(cost)]
+    if "fewshot" in payload:
+        cells = {(name, s["method"], s["k"]): s for name, rows in payload["fewshot"]["summary"].items() for s in rows}
+        rows = [{"method": m.label, **{f"{name} k={k}": f"{100 * c['mean']:.1f} ± {100 * (c['se'] or 0):.1f}"
+                                       for name in ("acc", "balanced_acc", "kept_fraction") for k in config.shots
+            if (c := cells.get((name, key, k)))}} for key, m in METHODS.items()]
+        sections += [f"**Few-shot** on {', '.join(config.targets)} (leave-one-out bank), test accuracy, balanced "
+                     f"accuracy and % of coefficients the gate keeps, mean ± s.e. (%) over seeds "
+                     f"{list(config.seeds)}; both methods on the same shots.", markdown_table(rows)]
+    scale = "per-sample ELBO" if config.kl_normalizer == "sample" else "KL divided by the number of fitting samples"
+    sections.append(f"Objective: {scale}, KL weight beta = {config.kl_weight:g} (warm-up over "
+                    f"{config.kl_warmup_fraction:.0%} of the steps); per-sample runner {config.variational.method!r}.")
+    return "\n\n".join(sections)
 
 
-def _addition_table(part: dict, config: VariationalRecipeConfig) -> str:
-    tasks = part["tasks"]
-    rows = [{"method": row["method"], **{t[:12]: row["test_acc"][t] for t in tasks}, "avg": row["avg_acc"],
-             "avg balanced": sum(row["test_balanced_acc"].values()) / len(tasks),
-             "avg normalised": row["avg_normalized"], "kept": row.get("kept_fraction_avg", 1.0),
-             "seconds": row["seconds"]} for row in (part["atlas"], part["variational"])]
-    cost = [{"inference": r["method"], "ms / batch": r["ms_per_batch"], "x merged": r["relative"]}
-            for r in part["cost"]]
-    return "\n\n".join([
-        f"**Task addition** over {len(tasks)} tasks, test accuracy (normalised by each task's fine-tuned "
-        "accuracy); same fitting and selection parts of the validation splits for both rows. 'kept' is the "
-        "fraction of coefficients the gate keeps, averaged over test inputs.",
-        markdown_table(rows),
-        f"**Inference cost** per batch of {config.timing_batch} (CPU, best of {config.timing_rounds}), relative "
-        "to the merged aTLAS network:",
-        markdown_table(cost),
-    ])
-
-
-def _fewshot_table(part: dict, config: VariationalRecipeConfig) -> str:
-    rows = []
-    for key, method in METHODS.items():
-        row: dict = {"method": method.label}
-        for s in (s for s in part["summary"] if s["method"] == key):
-            row[f"k={s['k']}"] = f"{100 * s['mean']:.1f} ± {100 * s['se']:.1f}"
-            row[f"balanced k={s['k']}"] = f"{100 * s['balanced_mean']:.1f} ± {100 * s['balanced_se']:.1f}"
-            if s["kept_fraction"] is not None:
-                row[f"kept k={s['k']}"] = s["kept_fraction"]
-        rows.append(row)
-    return (f"**Few-shot** on {', '.join(config.targets)} (leave-one-out bank), test accuracy in %, mean ± s.e. "
-            f"over seeds {list(config.seeds)}; both methods on the same shots.\n\n" + markdown_table(rows))
-
-
-TABLES = {"addition": _addition_table, "fewshot": _fewshot_table}
-# Options of the nested settings: flag destination -> (section, field, help).
-NESTED = {
-    "epochs": ("addition", "epochs", "task-addition epochs (aTLAS and variational)"),
-    "select_per_task": ("addition", "select_per_task", "task addition: validation samples per task for selection"),
-    "fit_per_task": ("addition", "fit_per_task", "task addition: validation samples per task to fit on"),
-    "batch_per_task": ("addition", "batch_per_task", "task addition: samples per task per step"),
-    "fewshot_epochs": ("schedule", "epochs", "few-shot epochs (aTLAS and variational)"),
-    "batch_size": ("schedule", "batch_size", "few-shot batch size"),
-    "min_steps_per_epoch": ("schedule", "min_steps_per_epoch", "few-shot: small shot sets repeated to this many steps"),
-}
+# Options for the nested settings (flag destination -> section, field, help); the rest is generated.
+NESTED = {"epochs": ("addition", "epochs", "task-addition epochs (aTLAS and variational)"),
+          "select_per_task": ("addition", "select_per_task", "task addition: validation samples per task to select"),
+          "fit_per_task": ("addition", "fit_per_task", "task addition: validation samples per task to fit on"),
+          "batch_per_task": ("addition", "batch_per_task", "task addition: samples per task per step"),
+          "fewshot_epochs": ("schedule", "epochs", "few-shot epochs (aTLAS and variational)"),
+          "batch_size": ("schedule", "batch_size", "few-shot batch size"),
+          "min_steps_per_epoch": ("schedule", "min_steps_per_epoch", "few-shot: minimum steps per epoch")}
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """``taskvec run variational``: options generated from :class:`VariationalRecipeConfig`."""
-    parser = subparsers.add_parser(
-        "variational", description=__doc__.split("\n\n")[0],
-        help="variational (sample-specific, spike-and-slab) composition vs aTLAS: task addition and few-shot")
-    add_config_arguments(parser, VariationalRecipeConfig)
-    add_config_arguments(parser, VariationalConfig)
+    """``taskvec run variational``: options generated from :class:`VariationalRecipeConfig` (and the gate's
+    from :class:`~taskvec.variational.VariationalConfig`), plus ``--suite`` / ``--bank-root``."""
+    parser = subparsers.add_parser("variational", description=__doc__.split("\n\n")[0], help="variational "
+                                   "(sample-specific, spike-and-slab) composition vs aTLAS: task addition and few-shot")
+    ex.add_config_arguments(parser, VariationalRecipeConfig)
+    ex.add_config_arguments(parser, VariationalConfig)
     defaults = VariationalRecipeConfig()
     for dest, (section, name, text) in NESTED.items():
         default = getattr(getattr(defaults, section), name)
@@ -417,12 +337,9 @@ def _cli(args: argparse.Namespace) -> int:
     for dest, (section, name, _) in NESTED.items():
         nested.setdefault(section, {})[name] = getattr(args, dest)
     defaults = VariationalRecipeConfig()
-    config = config_from_args(
-        VariationalRecipeConfig, args, variational=config_from_args(VariationalConfig, args),
-        **{section: replace(getattr(defaults, section), **values) for section, values in nested.items()})
+    config = ex.config_from_args(VariationalRecipeConfig, args, **{k: replace(getattr(defaults, k), **v) for k, v in
+                                                                   nested.items()},
+                                 variational=ex.config_from_args(VariationalConfig, args))
     payload = run_variational(config, suite=suite_from_args(args, progress=config.progress))
-    print(payload["table"])
-    print(f"\nresults: {payload['files']['json']}, {payload['files']['markdown']}")
-    if "kept_plot" in payload["files"]:
-        print(f"kept-fraction heatmap: {payload['files']['kept_plot']}")
+    print(payload["table"] + "\n\nresults: " + ", ".join(f"{k}: {v}" for k, v in payload["files"].items()))
     return 0

@@ -19,7 +19,18 @@ from torch import Tensor, nn
 from taskvec.train import TrainConfig, TrainResult, fit
 from taskvec.variational.model import ELBOLoss, VariationalComposer
 
-__all__ = ["GateRecorder", "gated_logits", "gated_scores", "inference_cost", "probe_batch", "train_variational"]
+__all__ = [
+    "GateRecorder",
+    "gated_logits",
+    "gated_scores",
+    "inference_cost",
+    "learn_variational",
+    "learn_variational_multitask",
+    "probe_batch",
+    "seeded_subset",
+    "train_variational",
+    "variational_composer",
+]
 
 RUNNERS = ("vmap", "linear", "auto")
 
@@ -149,3 +160,71 @@ def gated_scores(
     predicted, labels = logits.argmax(-1), split.labels.cpu()
     accuracy = float((predicted == labels).float().mean())
     return {"acc": accuracy, "balanced_acc": balanced_accuracy(predicted, labels)}, kept
+
+
+def variational_composer(
+    suite: Any, base: nn.Module, vectors: list, granularity: str, config: Any, *, init: float = 0.0,
+    probe: Any = None,
+) -> VariationalComposer:
+    """A :class:`VariationalComposer` over ``base`` and ``vectors``, its inference network reading the base's
+    features (their width from ``base.feature_dim``, else from one sample of ``probe`` through the suite)."""
+    from dataclasses import replace
+
+    from taskvec.compose import Composer
+
+    dim = getattr(base, "feature_dim", None)
+    if not isinstance(dim, int):
+        if probe is None:
+            raise ValueError(f"{type(base).__name__} has no feature_dim; pass probe= a split to measure it on")
+        dim = int(suite.features(base, probe.subset(torch.arange(1))).shape[-1])
+    return VariationalComposer(Composer(base, vectors, granularity, init=init), feature_dim=dim,
+                               config=replace(config))
+
+
+def seeded_subset(split: Any, limit: int, seed: int = 0) -> Any:
+    """At most ``limit`` samples of ``split`` (0: all of it), a seeded choice kept in split order: a CPU
+    budget's test subset, the same for every method compared on it."""
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if limit == 0 or len(split) <= limit:
+        return split
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    return split.subset(order[:limit].sort()[0])
+
+
+def learn_variational(
+    model: VariationalComposer, head: nn.Module, train: Any, val: Any | None, suite: Any, schedule: Any, *,
+    lr: float, kl_weight: float = 1.0, kl_normalizer: str = "sample", kl_warmup_fraction: float = 0.5,
+    weight_decay: float = 0.0, description: str = "variational",
+) -> TrainResult:
+    """Few-shot: the ELBO through the frozen ``head`` on the (augmented) shots of ``train``, batched by the
+    suite as ``schedule`` (a :class:`~taskvec.workflow.CoefficientSchedule`) says; the epoch chosen by
+    :func:`~taskvec.evaluate.selection_metric` of gated inference on ``val`` (the last one without)."""
+    from taskvec.evaluate import selection_metric
+
+    loader = suite.loader(train, batch_size=schedule.batch_size, augmentation=schedule.augmentation,
+                          min_steps=schedule.min_steps_per_epoch)
+    loss = ELBOLoss(head, len(train), 0, kl_weight=kl_weight, kl_normalizer=kl_normalizer)
+    evaluate = None if val is None else (lambda m: selection_metric(gated_logits(m, head, val, suite)[0], val))
+    return train_variational(model, loss, loader, epochs=schedule.epochs, lr=lr, weight_decay=weight_decay,
+                             kl_warmup_fraction=kl_warmup_fraction, seed=schedule.seed, evaluate=evaluate,
+                             progress=schedule.progress, description=description)
+
+
+def learn_variational_multitask(
+    model: VariationalComposer, ctx: Any, setup: Any, *, lr: float, kl_weight: float = 1.0,
+    kl_normalizer: str = "sample", kl_warmup_fraction: float = 0.5, weight_decay: float = 0.0,
+    checkpoint: Path | None = None,
+) -> TrainResult:
+    """Task addition: the multi-task ELBO (each task through its own frozen head) on the fitting parts of a
+    :class:`~taskvec.workflow.MultiTaskData` ``ctx``, every batch mixing all tasks as aTLAS's does
+    (``setup``: a :class:`~taskvec.workflow.MultiTaskSetup`); the epoch chosen on the selection parts."""
+    from taskvec.variational.model import MultitaskELBOLoss
+
+    loss = MultitaskELBOLoss([ctx.heads[t] for t in ctx.tasks], sum(len(ctx.fit[t]) for t in ctx.tasks), 0,
+                             kl_weight=kl_weight, kl_normalizer=kl_normalizer)
+    loader = ctx.mixed([ctx.fit[t] for t in ctx.tasks], setup.batch_per_task, augmentation=setup.augmentation)
+    return train_variational(model, loss, loader, epochs=setup.epochs, lr=lr, weight_decay=weight_decay,
+                             kl_warmup_fraction=kl_warmup_fraction, seed=setup.seed, evaluate=ctx.selection_score,
+                             progress=setup.progress, description="variational (multi-task)", checkpoint=checkpoint,
+                             resume=setup.resume)
