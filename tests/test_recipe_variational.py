@@ -186,9 +186,12 @@ def test_cli_builds_the_config(monkeypatch):
 
     monkeypatch.setattr(recipe, "run_variational", fake)
     assert main(["run", "variational", "--parts", "fewshot", "--shots", "4", "--seeds", "0", "--lr", "0.05",
-                 "--p-threshold", "0.7", "--method", "vmap", "--no-progress"]) == 0
+                 "--p-threshold", "0.7", "--method", "vmap", "--no-progress", "--epochs", "3",
+                 "--fewshot-epochs", "2"]) == 0
     config = seen["config"]
     assert config.parts == ("fewshot",) and config.shots == (4,) and config.seeds == (0,)
     assert config.lr == 0.05 and config.variational.p_threshold == 0.7 and config.variational.method == "vmap"
     assert replace(config, parts=VariationalRecipeConfig().parts).progress is False
     assert seen["suite"].name == "vision"
+    assert config.addition.epochs == 3 and config.schedule.epochs == 2  # nested settings from their options
+    assert config.addition.fit_per_task == MultiTaskSetup().fit_per_task

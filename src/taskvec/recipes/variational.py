@@ -294,12 +294,14 @@ def _table(payload: dict, config: VariationalRecipeConfig) -> str:
                      markdown_table(cost)]
     if "fewshot" in payload:
         cells = {(name, s["method"], s["k"]): s for name, rows in payload["fewshot"]["summary"].items() for s in rows}
+        columns = [f"{name} k={k}" for name in ("acc", "balanced_acc", "kept_fraction") for k in config.shots]
         rows = [{"method": m.label, **{f"{name} k={k}": f"{100 * c['mean']:.1f} ± {100 * (c['se'] or 0):.1f}"
                                        for name in ("acc", "balanced_acc", "kept_fraction") for k in config.shots
-            if (c := cells.get((name, key, k)))}} for key, m in METHODS.items()]
-        sections += [f"**Few-shot** on {', '.join(config.targets)} (leave-one-out bank), test accuracy, balanced "
-                     f"accuracy and % of coefficients the gate keeps, mean ± s.e. (%) over seeds "
-                     f"{list(config.seeds)}; both methods on the same shots.", markdown_table(rows)]
+                                       if (c := cells.get((name, key, k)))}} for key, m in METHODS.items()]
+        sections += [f"**Few-shot** on {', '.join(config.targets)} (leave-one-out bank): test accuracy, balanced "
+                     f"accuracy and the coefficients the gate keeps, in %, mean ± s.e. over seeds "
+                     f"{list(config.seeds)}; both methods on the same shots.",
+                     markdown_table(rows, ["method", *columns])]
     scale = "per-sample ELBO" if config.kl_normalizer == "sample" else "KL divided by the number of fitting samples"
     sections.append(f"Objective: {scale}, KL weight beta = {config.kl_weight:g} (warm-up over "
                     f"{config.kl_warmup_fraction:.0%} of the steps); per-sample runner {config.variational.method!r}.")
@@ -323,23 +325,15 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                                    "(sample-specific, spike-and-slab) composition vs aTLAS: task addition and few-shot")
     ex.add_config_arguments(parser, VariationalRecipeConfig)
     ex.add_config_arguments(parser, VariationalConfig)
-    defaults = VariationalRecipeConfig()
-    for dest, (section, name, text) in NESTED.items():
-        default = getattr(getattr(defaults, section), name)
-        parser.add_argument("--" + dest.replace("_", "-"), dest=dest, type=type(default), default=default,
-                            help=f"{text} (default: %(default)s)")
+    ex.add_nested_arguments(parser, VariationalRecipeConfig(), NESTED)
     add_suite_arguments(parser)
     parser.set_defaults(run=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
-    nested: dict[str, dict] = {}
-    for dest, (section, name, _) in NESTED.items():
-        nested.setdefault(section, {})[name] = getattr(args, dest)
-    defaults = VariationalRecipeConfig()
-    config = ex.config_from_args(VariationalRecipeConfig, args, **{k: replace(getattr(defaults, k), **v) for k, v in
-                                                                   nested.items()},
-                                 variational=ex.config_from_args(VariationalConfig, args))
+    nested = ex.nested_from_args(VariationalRecipeConfig(), args, NESTED)
+    gate = ex.config_from_args(VariationalConfig, args)
+    config = ex.config_from_args(VariationalRecipeConfig, args, variational=gate, **nested)
     payload = run_variational(config, suite=suite_from_args(args, progress=config.progress))
     print(payload["table"] + "\n\nresults: " + ", ".join(f"{k}: {v}" for k, v in payload["files"].items()))
     return 0
