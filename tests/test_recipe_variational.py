@@ -13,6 +13,7 @@ import torch
 from taskvec.bank import Bank, BankConfig
 from taskvec.compose import Composer
 from taskvec.recipes.variational import VariationalRecipeConfig, run_variational
+from taskvec.suites.vision import VisionSuite
 from taskvec.variational import ELBOLoss, MultitaskELBOLoss, VariationalComposer, VariationalConfig
 from taskvec.workflow import CoefficientSchedule, MultiTaskSetup
 
@@ -26,7 +27,7 @@ def small(out, **changes) -> VariationalRecipeConfig:
         addition=MultiTaskSetup(select_per_task=8, fit_per_task=12, epochs=2, batch_per_task=4),
         schedule=CoefficientSchedule(epochs=2, batch_size=8, min_steps_per_epoch=2),
         variational=VariationalConfig(hidden=(16,)), timing_batch=8, timing_rounds=1,
-        bank=CONFIG, out=out, progress=False, resume=False,
+        out=out, progress=False, resume=False,
     )
     settings.update(changes)
     return VariationalRecipeConfig(**settings)
@@ -37,9 +38,13 @@ def bank(tmp_path_factory) -> Bank:
     return synthetic.built_bank(CONFIG, tmp_path_factory.mktemp("bank"), TASKS)
 
 
+def on(bank: Bank) -> VisionSuite:
+    return VisionSuite(bank, tasks=TASKS, progress=False)
+
+
 @pytest.fixture(scope="module")
 def result(bank, tmp_path_factory):
-    return run_variational(small(tmp_path_factory.mktemp("variational")), bank=bank)
+    return run_variational(small(tmp_path_factory.mktemp("variational")), suite=on(bank))
 
 
 def test_both_parts_run_and_write_their_outputs(result):
@@ -77,8 +82,8 @@ def test_seeds_reproduce_and_test_labels_never_steer_anything(bank, result, tmp_
     never reached training or selection); only test accuracies move."""
 
     poisoned = run_variational(small(tmp_path / "poisoned"),
-                               bank=Bank(CONFIG, root=bank.root, loader=synthetic.relabelled_loader))
-    again = run_variational(small(tmp_path / "again"), bank=bank)
+                               suite=on(Bank(CONFIG, root=bank.root, loader=synthetic.relabelled_loader)))
+    again = run_variational(small(tmp_path / "again"), suite=on(bank))
 
     def steering(payload):
         rows = [payload["addition"]["variational"], payload["addition"]["atlas"]]
@@ -94,24 +99,27 @@ def test_seeds_reproduce_and_test_labels_never_steer_anything(bank, result, tmp_
 
 def test_resume_reuses_the_trained_inference_network(bank, tmp_path, monkeypatch):
     config = small(tmp_path, parts=("addition",), resume=True)
-    first = run_variational(config, bank=bank)
+    first = run_variational(config, suite=on(bank))
     import taskvec.recipes.variational as recipe
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished part was retrained")
 
-    monkeypatch.setattr(recipe, "_train_variational", refuse)
-    second = run_variational(config, bank=bank)
+    monkeypatch.setattr(recipe.vx, "train_variational", refuse)
+    monkeypatch.setattr(recipe, "train_multitask", refuse)
+    second = run_variational(config, suite=on(bank))
     assert second["addition"]["variational"]["test_acc"] == first["addition"]["variational"]["test_acc"]
 
 
 def test_bad_requests_fail_clearly(bank, tmp_path):
     with pytest.raises(ValueError, match="parts"):
-        run_variational(small(tmp_path, parts=("nope",)), bank=bank)
+        run_variational(small(tmp_path, parts=("nope",)), suite=on(bank))
     with pytest.raises(ValueError, match="targets"):
-        run_variational(small(tmp_path, targets=("delta",)), bank=bank)
+        run_variational(small(tmp_path, targets=("delta",)), suite=on(bank))
+    with pytest.raises(ValueError, match="targets"):  # not among the suite's tasks, when tasks come from it
+        run_variational(small(tmp_path, tasks=(), targets=("delta",)), suite=on(bank))
     with pytest.raises(ValueError, match="kl_warmup_fraction"):
-        run_variational(small(tmp_path, kl_warmup_fraction=2.0), bank=bank)
+        run_variational(small(tmp_path, kl_warmup_fraction=2.0), suite=on(bank))
 
 
 def test_multitask_elbo_sums_the_per_task_elbos(base, bank_vectors):
@@ -171,14 +179,19 @@ def test_cli_builds_the_config(monkeypatch):
 
     seen = {}
 
-    def fake(config):
+    def fake(config, **kwargs):
         seen["config"] = config
+        seen["suite"] = kwargs["suite"]
         return {"table": "t", "files": {"json": "a", "markdown": "b"}}
 
     monkeypatch.setattr(recipe, "run_variational", fake)
     assert main(["run", "variational", "--parts", "fewshot", "--shots", "4", "--seeds", "0", "--lr", "0.05",
-                 "--p-threshold", "0.7", "--method", "vmap", "--no-progress"]) == 0
+                 "--p-threshold", "0.7", "--method", "vmap", "--no-progress", "--epochs", "3",
+                 "--fewshot-epochs", "2"]) == 0
     config = seen["config"]
     assert config.parts == ("fewshot",) and config.shots == (4,) and config.seeds == (0,)
     assert config.lr == 0.05 and config.variational.p_threshold == 0.7 and config.variational.method == "vmap"
     assert replace(config, parts=VariationalRecipeConfig().parts).progress is False
+    assert seen["suite"].name == "vision"
+    assert config.addition.epochs == 3 and config.schedule.epochs == 2  # nested settings from their options
+    assert config.addition.fit_per_task == MultiTaskSetup().fit_per_task

@@ -450,3 +450,25 @@ def check_fields(config: Any) -> None:
             raise ValueError(f"{name} must be >= {meta['min']}; got {value!r}")
         if meta.get("min_items") is not None and len(value) < meta["min_items"]:
             raise ValueError(f"{name} needs at least {meta['min_items']} value(s); got {list(value)}")
+
+
+def add_nested_arguments(
+    parser: argparse.ArgumentParser, config: Any, options: Mapping[str, tuple[str, str, str]]
+) -> None:
+    """Options for fields of a config's nested settings (``options[dest] = (section, field, help)``, flag
+    ``--dest``); type and default come from the ``config`` instance, so they cannot drift."""
+    for dest, (section, name, text) in options.items():
+        default = getattr(getattr(config, section), name)
+        parser.add_argument("--" + dest.replace("_", "-"), dest=dest, type=type(default), default=default,
+                            help=f"{text} (default: %(default)s)")
+
+
+def nested_from_args(config: Any, args: argparse.Namespace, options: Mapping[str, tuple[str, str, str]]) -> dict:
+    """``{section: config's nested settings with the values of the options}``: overrides for
+    :func:`config_from_args` (the options :func:`add_nested_arguments` added)."""
+    from dataclasses import replace
+
+    values: dict[str, dict] = {}
+    for dest, (section, name, _) in options.items():
+        values.setdefault(section, {})[name] = getattr(args, dest)
+    return {section: replace(getattr(config, section), **fields_) for section, fields_ in values.items()}

@@ -152,7 +152,12 @@ class HFTextEncoder(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.__dict__["_inner"](input_ids=input_ids, attention_mask=attention_mask, **kwargs)[0]
+        inner_mask = attention_mask
+        if torch._C._functorch.is_batchedtensor(attention_mask):
+            # Under vmap (per-sample composition) transformers' mask builder branches on the mask's values,
+            # which vmap cannot do; the equivalent (B, 1, 1, L) boolean mask is used as given.
+            inner_mask = attention_mask[:, None, None, :].bool()
+        hidden = self.__dict__["_inner"](input_ids=input_ids, attention_mask=inner_mask, **kwargs)[0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return F.normalize(pooled, dim=-1)

@@ -53,9 +53,11 @@ class VariationalConfig:
     prior_pi: float = 0.5
     prior_std: float = 1.0
     temperature: float = 2.0 / 3.0
-    p_threshold: float = 0.5
-    uncertainty_threshold: float = 1.0
-    method: str = "auto"
+    p_threshold: float = field(default=0.5, metadata={"help": "gate: minimum inclusion probability"})
+    uncertainty_threshold: float = field(default=1.0, metadata={"help": "gate: maximum sigma/|mu| (inf disables)"})
+    method: str = field(default="auto", metadata={
+        "help": "per-sample executor for training and test (linear: forward hooks, the fast one on text "
+                "encoders)", "choices": ("auto", "vmap", "linear")})
     chunk_size: int | None = 8
     log_var_min: float = -20.0
     log_var_max: float = 8.0
@@ -479,12 +481,29 @@ class MultitaskELBOLoss(ELBOLoss):
             got = f"{len(batch)} parts" if isinstance(batch, list | tuple) else type(batch).__name__
             raise ValueError(f"multi-task ELBO batch must be one (x, y) part per head ({len(self.heads)}); got {got}")
         unpacked = [_unpack(part) for part in batch]
+        if len({tuple(part[0].shape[1:]) for part in unpacked}) > 1:
+            return self._part_by_part(model, unpacked)
         x = torch.cat([part[0] for part in unpacked])
         features = None
         if all(part[2] is not None for part in unpacked):
             features = torch.cat([part[2] for part in unpacked])
         return self._negative_elbo(model, x, features, [(part[1], head) for part, head in
                                                          zip(unpacked, self.heads, strict=True)])
+
+
+    def _part_by_part(self, model: nn.Module, unpacked: Sequence[tuple[Tensor, Tensor, Tensor | None]]) -> Tensor:
+        """The same sum, one forward pass per part: inputs that cannot share a batch (token batches
+        padded to different lengths). The warm-up step advances once per call, as in one pass."""
+        step, total, terms = self.step, None, {"loss": 0.0, "nll": 0.0, "kl": 0.0}
+        for (x, y, features), head in zip(unpacked, self.heads, strict=True):
+            self.step = step
+            term = self._negative_elbo(model, x, features, [(y, head)])
+            total = term if total is None else total + term
+            for key in terms:
+                terms[key] += self.last[key]
+        self.last = {**terms, "beta": self.last["beta"]}
+        assert total is not None
+        return total
 
 
 def elbo_loss(

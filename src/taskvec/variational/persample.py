@@ -7,7 +7,9 @@ Each sample s has its own coefficients c_s (n_vectors, n_columns). Two exact way
   ``chunk_size`` samples at a time, so memory is bounded by ``chunk_size`` copies of the composed blocks.
 * :class:`LinearRunner` -- every block enters the network linearly, so
   ``W_s x = W_0 x + sum_j c_sj (T_j x)``: forward hooks on the base's Linear / Conv / LayerNorm /
-  BatchNorm (eval) / GroupNorm modules add the per-sample correction to the module's output. No weight
+  BatchNorm (eval) / GroupNorm / Embedding modules add the per-sample correction to the module's output
+  (an embedding's is a lookup of the rows the tokens select, so a transformer's vocabulary is never
+  composed per sample: what makes per-sample composition affordable for text encoders). No weight
   is ever copied; the cost is one extra product per basis tensor T_j (a task vector restricted to one
   coefficient column). Any other owner of a composed block is refused with the module's type.
 """
@@ -94,6 +96,7 @@ _SUPPORTED: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
     nn.GroupNorm,
     nn.modules.batchnorm._BatchNorm,
+    nn.Embedding,
 )
 
 
@@ -107,8 +110,11 @@ def _supported_kind(module: nn.Module) -> str | None:
         (nn.LayerNorm, "layer_norm"),
         (nn.GroupNorm, "group_norm"),
         (nn.modules.batchnorm._BatchNorm, "batch_norm"),
+        (nn.Embedding, "embedding"),
     ):
         if isinstance(module, cls):
+            if kind == "embedding" and getattr(module, "max_norm", None) is not None:
+                return None  # max_norm renormalises looked-up rows: not linear in the weight
             stock = type(module).forward is cls.forward or (
                 kind == "batch_norm" and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
             )
@@ -164,8 +170,8 @@ class LinearRunner:
             entry[2].append(attr)
         if problems:
             raise UnsupportedModuleError(
-                "the linearity runner handles Linear, Conv1d/2d/3d, LayerNorm, GroupNorm and BatchNorm "
-                "(eval) called through their own forward; "
+                "the linearity runner handles Linear, Conv1d/2d/3d, LayerNorm, GroupNorm, BatchNorm "
+                "(eval) and Embedding (without max_norm) called through their own forward; "
                 + "; ".join(problems[:6])
                 + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else "")
                 + ". Use method='vmap', or leave these blocks out of the composer (Composer(blocks=...))."
@@ -235,10 +241,27 @@ class LinearRunner:
         return total
 
     @staticmethod
+    def _embedding_correction(ids: Tensor, weight: _Basis, flat: Tensor) -> Tensor:
+        """sum_j c_sj T_j[ids_s]: each basis table looked up at the sample's own tokens (zero columns
+        skipped). Ids with a leading 1 (shared position ids) broadcast over the batch."""
+        batch = flat.shape[0]
+        if ids.shape[0] not in (1, batch):
+            raise ValueError(f"Embedding received ids with leading dim {ids.shape[0]}, expected 1 or the batch "
+                             f"size {batch} (use method='vmap')")
+        c = flat[:, weight.index].to(weight.tensors.dtype)
+        total = torch.zeros((), dtype=weight.tensors.dtype, device=weight.tensors.device)
+        for j in torch.nonzero((c != 0).any(0)).flatten().tolist():
+            looked = F.embedding(ids, weight.tensors[j])
+            total = total + looked * c[:, j].view(batch, *(1,) * (looked.dim() - 1))
+        return total
+
+    @staticmethod
     def _correction(
         module: nn.Module, kind: str, x: Tensor, plan: dict[str, _Basis], flat: Tensor, sparse: bool = False
     ) -> Tensor:
         batch = flat.shape[0]
+        if kind == "embedding":
+            return LinearRunner._embedding_correction(x, plan["weight"], flat)
         if x.shape[0] != batch:
             raise ValueError(
                 f"{type(module).__name__} received input with leading dim {x.shape[0]}, expected the batch "
