@@ -16,7 +16,7 @@ from test_suite_text import TINY, fake_task, make_suite
 
 from taskvec.cli import main
 from taskvec.compose import Composer
-from taskvec.recipes.variational import VariationalRecipeConfig, run_variational, shot_pool
+from taskvec.recipes.variational import VariationalRecipeConfig, run_variational
 from taskvec.suites.text import pack
 from taskvec.variational import VariationalComposer, VariationalConfig
 from taskvec.workflow import CoefficientSchedule, MultiTaskSetup
@@ -68,15 +68,14 @@ def test_both_parts_run_on_the_text_suite_and_the_gate_matches_per_text_models(t
     assert 0.0 <= addition["variational"]["kept_fraction_avg"] <= 1.0
 
 
-def test_the_shots_come_from_the_suites_choice_else_the_validation_split():
+def test_each_suite_draws_shots_from_the_split_its_head_never_saw(tiny, tmp_path):
+    """Text heads are zero-shot (never saw a label): shots come from training; vision heads are probes
+    fitted on the training split: shots come from validation."""
+    from taskvec.suites.vision import VisionSuite
+
     task = fake_task("gamma")
-
-    class Choosing:
-        def few_shot_pool(self, splits):
-            return splits.train
-
-    assert shot_pool(Choosing(), task) is task.train
-    assert shot_pool(object(), task) is task.val
+    assert make_suite(tiny, tmp_path).few_shot_pool(task) is task.train
+    assert VisionSuite.for_images(16, {"mean": (0.5,) * 3, "std": (0.5,) * 3}).few_shot_pool(task) is task.val
 
 
 def test_suite_flag_reaches_the_variational_recipe_through_the_cli(tiny, tmp_path, monkeypatch, capsys):

@@ -100,13 +100,6 @@ class Method:
     fewshot: Callable[[dict], dict]
 
 
-def shot_pool(suite: Any, splits: Any) -> Any:
-    """The split a target's shots come from: the suite's choice where it makes one (``few_shot_pool``),
-    else :func:`taskvec.workflow.few_shot_pool` (the validation split)."""
-    choose = getattr(suite, "few_shot_pool", None)
-    return choose(splits) if callable(choose) else workflow.few_shot_pool(splits)
-
-
 def _elbo(config: VariationalRecipeConfig) -> dict:
     return {"kl_weight": config.kl_weight, "kl_normalizer": config.kl_normalizer, "weight_decay": config.weight_decay,
             "kl_warmup_fraction": config.kl_warmup_fraction}
@@ -220,7 +213,7 @@ def run_fewshot_part(config: VariationalRecipeConfig, suite: Any, tasks: tuple[s
 
     def run_job(job: Any) -> dict:
         splits = suite.splits(job["target"])
-        train, val = workflow.few_shot_split(shot_pool(suite, splits), job["k"], job["seed"])
+        train, val = workflow.few_shot_split(suite.few_shot_pool(splits), job["k"], job["seed"])
         context = {**job, "config": config, "suite": suite, "base": base, "head": suite.head(job["target"]),
                    "vectors": suite.vectors([t for t in tasks if t != job["target"]]), "train": train, "val": val,
                    "test": vx.seeded_subset(splits.test, config.test_limit), "progress": config.progress,
