@@ -8,7 +8,10 @@ import pytest
 import synthetic
 import torch
 import torch.nn.functional as F
-from test_suite_text import make_suite, tiny  # noqa: F401  (the tiny BERT fixture and its suite)
+from test_suite_text import (
+    make_suite,
+    tiny,  # noqa: F401  (the tiny BERT fixture, reused)
+)
 
 from taskvec.bank import BankConfig
 from taskvec.heldout import HeldOutTarget
@@ -78,7 +81,7 @@ def test_search_loss_is_the_loss_of_the_returned_model(tmp_path_factory, monkeyp
     assert _shot_loss(suite, ctx, merged, train) == pytest.approx(detail["best_loss"], rel=1e-5)
 
 
-def test_gradient_free_on_the_text_suite(tiny, tmp_path, monkeypatch):
+def test_gradient_free_on_the_text_suite(tiny, tmp_path, monkeypatch):  # noqa: F811 (the imported fixture)
     monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
     suite = make_suite(tiny, tmp_path / "bank")
     config = _config(tmp_path / "out", target="beta", shots=(2,), budget=6)

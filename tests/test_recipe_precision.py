@@ -10,7 +10,10 @@ import math
 import pytest
 import synthetic
 import torch
-from test_suite_text import make_suite, tiny  # noqa: F401  (the tiny BERT fixture and its suite)
+from test_suite_text import (
+    make_suite,
+    tiny,  # noqa: F401  (the tiny BERT fixture, reused)
+)
 
 import taskvec.recipes.precision as precision
 from taskvec.bank import BankConfig
@@ -102,7 +105,7 @@ def test_precision_config_names_the_bad_value():
         PrecisionConfig(shots=(0,))
 
 
-def test_precision_on_the_text_suite(tiny, tmp_path, monkeypatch):
+def test_precision_on_the_text_suite(tiny, tmp_path, monkeypatch):  # noqa: F811 (the imported fixture)
     monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
     suite = make_suite(tiny, tmp_path / "bank")
     config = _config(tmp_path / "out", target="beta", shots=(2,), storages=("fp32", "int4-row"))

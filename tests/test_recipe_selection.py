@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import pytest
 import synthetic
-from test_suite_text import CLASSES, fake_task, make_suite, tiny  # noqa: F401  (the tiny BERT fixture)
+from test_suite_text import (
+    CLASSES,
+    fake_task,
+    make_suite,
+    tiny,  # noqa: F401  (the tiny BERT fixture, reused)
+)
 
 from taskvec.bank import Bank, BankConfig
 from taskvec.heldout import HeldOutTarget
@@ -61,7 +66,7 @@ def test_selection_on_the_vision_bank_keeps_the_planted_twin(tmp_path_factory):
     assert "N=2" in (config.out / "selection.md").read_text() and (config.out / "selection.png").is_file()
 
 
-def test_selection_on_the_text_suite_keeps_the_planted_twin(tiny, tmp_path, monkeypatch):
+def test_selection_on_the_text_suite_keeps_the_planted_twin(tiny, tmp_path, monkeypatch):  # noqa: F811 (the imported fixture)
     monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(CLASSES, "beta_twin", CLASSES["beta"])
     suite = make_suite(tiny, tmp_path / "bank", tasks=("alpha", "beta_twin", "gamma", "beta"),

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import pytest
 import synthetic
-from test_suite_text import make_suite, tiny  # noqa: F401  (the tiny BERT fixture and its suite)
+from test_suite_text import (
+    make_suite,
+    tiny,  # noqa: F401  (the tiny BERT fixture, reused)
+)
 
 from taskvec.bank import BankConfig
 from taskvec.compose import Composer
@@ -53,7 +56,7 @@ def test_subspace_on_the_vision_bank(tmp_path_factory):
     assert (config.out / "subspace.png").is_file()
 
 
-def test_subspace_on_the_text_suite(tiny, tmp_path, monkeypatch):
+def test_subspace_on_the_text_suite(tiny, tmp_path, monkeypatch):  # noqa: F811 (the imported fixture)
     monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
     suite = make_suite(tiny, tmp_path / "bank")
     config = _config(tmp_path / "out", target="beta", shots=(2,))

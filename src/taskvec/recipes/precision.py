@@ -138,7 +138,8 @@ def run_precision(config: PrecisionConfig | None = None, *, suite=None) -> dict:
     suite = suite or make_suite("vision", progress=config.progress)
     started = time.perf_counter()
     ctx = HeldOutTarget(suite, config.target)
-    settings = {**config.numbers(), "step_repeats": config.step_repeats, "alphas": config.alphas, "held_out": ctx.identity()}
+    settings = {**config.numbers(), "step_repeats": config.step_repeats, "alphas": config.alphas,
+                "held_out": ctx.identity()}
     store = RecordStore(config.out / "precision_records.jsonl", fingerprint(settings), config.resume)
     jobs = grid(storage=config.storages, k=config.shots, seed=config.seeds)
     records = run_grid(jobs, lambda job: _fewshot_job(ctx, config, dict(job)), store)
