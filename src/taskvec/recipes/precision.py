@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -168,9 +168,12 @@ def run_precision(config: PrecisionConfig | None = None, *, suite=None) -> dict:
               f"epoch chosen on the selection shots; mean ± s.e. over seeds {list(config.seeds)}. Peak RSS is "
               "VmHWM, reset at each job's start; step = forward + backward of one batch (median).")
     table = header + "\n\n" + markdown_table(rows)
-    series = {f"k={k}": ([r["bank_bytes"] / 2**20 for r in records if r["k"] == k and r["seed"] == config.seeds[0]],
-                         [mean_se([q["test_acc"] for q in records if q["k"] == k and q["storage"] == s])[0]
-                          for s in config.storages], None) for k in config.shots}
+    series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float] | None]] = {}
+    for k in config.shots:
+        sizes = [next(r["bank_bytes"] for r in records if r["storage"] == s) / 2**20 for s in config.storages]
+        accuracy = [mean_se([r["test_acc"] for r in records if r["k"] == k and r["storage"] == s])[0]
+                    for s in config.storages]
+        series[f"k={k}"] = (sizes, accuracy, None)
     plot = plot_lines(series, config.out / "precision.png", xlabel="bank MiB (storage form)",
                       ylabel="test accuracy", title=f"aTLAS on {ctx.target} vs bank storage", logx=True)
     payload = {"config": {**asdict(config), "out": str(config.out)}, "held_out": ctx.identity(),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -145,7 +145,8 @@ def run_selection(config: SelectionConfig | None = None, *, suite=None) -> dict:
         jobs += grid(k=config.shots, seed=config.seeds, n=(len(ctx.sources),), method=("all",))
     records = run_grid(jobs, lambda job: _job(ctx, config, dict(job)), store)
 
-    rows, series = [], {}
+    rows: list[dict] = []
+    series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float] | None]] = {}
     for k in config.shots:
         for method in config.methods:
             sizes = sorted({r["n"] for r in records if r["method"] == method and r["k"] == k})
@@ -160,7 +161,8 @@ def run_selection(config: SelectionConfig | None = None, *, suite=None) -> dict:
                     + f" ({rs[0]['kept_bytes'] / 2**20:.1f} MiB, peak {rs[0]['memory']['peak_mib']:.0f} MiB)")
             rows.append(row)
             if method != "all":
-                series[f"{METHODS[method].label}, k={k}"] = tuple(zip(*means, strict=True))
+                series[f"{METHODS[method].label}, k={k}"] = ([float(p[0]) for p in means], [p[1] for p in means],
+                                                            [p[2] for p in means])
     header = (f"Keeping N of the bank for **{ctx.target}** ({suite.name} suite; leave-one-out bank of "
               f"{len(ctx.sources)}: {', '.join(ctx.sources)}): test accuracy % after aTLAS over the kept vectors "
               f"(mean ± s.e. over seeds {list(config.seeds)}), kept bytes and peak RSS while learning.")

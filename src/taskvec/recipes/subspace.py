@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -109,7 +109,8 @@ def run_subspace(config: SubspaceConfig | None = None, *, suite=None) -> dict:
     jobs = grid(k=config.shots, seed=config.seeds, d=config.dims, basis=config.bases)
     records = run_grid(jobs, lambda job: _job(ctx, config, reference, dict(job)), store)
 
-    rows, series = [], {}
+    rows: list[dict] = []
+    series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float] | None]] = {}
     for k in config.shots:
         for basis in config.bases:
             row, points = {"basis": BASES[basis].label, "k": k}, []
@@ -120,7 +121,8 @@ def run_subspace(config: SubspaceConfig | None = None, *, suite=None) -> dict:
                 row[f"d={d}"] = f"{100 * norm:.1f}" + ("" if se != se else f" ± {100 * se:.1f}") + f" ({100 * raw:.1f})"
                 points.append((d, norm, 0.0 if se != se else se))
             rows.append(row)
-            series[f"{BASES[basis].label}, k={k}"] = tuple(zip(*points, strict=True))
+            series[f"{BASES[basis].label}, k={k}"] = ([float(p[0]) for p in points], [p[1] for p in points],
+                                                      [p[2] for p in points])
     header = (f"Intrinsic dimension on **{ctx.target}** ({suite.name} suite): test accuracy as % of full "
               f"fine-tuning ({100 * reference:.1f}% = base + the target's own vector), raw accuracy % in "
               f"brackets; {config.granularity} coefficients over d bases from the leave-one-out bank "
