@@ -457,7 +457,7 @@ DEMO_OUT = Path("runs/demo")
 
 # Each recipe module exposes register_cli(subparsers) adding `taskvec run <name>`.
 RECIPES = ("addition", "negation", "fewshot", "tta", "variational",
-           "precision", "gradient_free", "selection", "subspace", "lora")
+           "precision", "gradient_free", "selection", "subspace", "lora", "peft")
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -106,6 +106,18 @@ class HeldOutTarget:
         """(training shots, selection shots or None at k = 1)."""
         return few_shot_split(self.pool(), k, seed)
 
+    def fraction(self, fraction: float, seed: int) -> tuple[Any, Any]:
+        """A seeded ``fraction`` of the pool (at least two samples): a quarter of it (at least one) held out
+        for selection, the rest for training (data-scaling experiments, where k shots per class is not the
+        unit)."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1]; got {fraction}")
+        pool = self.pool()
+        count = min(len(pool), max(2, round(fraction * len(pool))))
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:count]
+        held = max(1, count // 4)
+        return pool.subset(order[held:]), pool.subset(order[:held])
+
     def batches(self, split: Any, batch_size: int, seed: int = 0) -> list[Batch]:
         """One pass over ``split`` in fixed batches, no augmentation: a deterministic objective."""
         loader = self.suite.loader(split, batch_size=batch_size, augmentation=None)
