@@ -102,14 +102,15 @@ def _job(ctx: HeldOutTarget, config: GradientFreeConfig, job: dict) -> dict:
     method, k, seed = job["method"], job["k"], job["seed"]
     train, val = ctx.shots(k, seed)
     bank = ctx.vectors()
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), time.process_time()
     with peak_memory() as memory:
         merged, detail = METHODS[method].run(ctx, config, bank, train, val, seed)
-    seconds = time.perf_counter() - tic
+    seconds, cpu_seconds = time.perf_counter() - tic, time.process_time() - cpu
     scores = ctx.test_scores(merged)
     return {"method": method, "k": k, "seed": seed, "test_acc": scores["acc"],
             "test_balanced_acc": scores.get("balanced_acc"), "selection_acc": ctx.selection_accuracy(merged, val),
-            "seconds": seconds, "memory": memory.to_dict(), "train_shots": len(train), **detail}
+            "seconds": seconds, "cpu_seconds": cpu_seconds, "memory": memory.to_dict(), "train_shots": len(train),
+            **detail}
 
 
 def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -138,6 +139,7 @@ def run_gradient_free(config: GradientFreeConfig | None = None, *, suite=None) -
                          "test acc %": _cell([r["test_acc"] for r in rs]),
                          "selection acc %": _cell([r["selection_acc"] for r in rs if r["selection_acc"] is not None]),
                          "wall s": _cell([r["seconds"] for r in rs], 1.0),
+                         "CPU s": _cell([r["cpu_seconds"] for r in rs], 1.0),
                          "peak RSS MiB": _cell([r["memory"]["peak_mib"] for r in rs], 1.0, 0),
                          "peak over start MiB": _cell([r["memory"]["added_mib"] for r in rs], 1.0, 0)})
     header = (f"Gradient-free vs gradient coefficients on **{ctx.target}** ({suite.name} suite), leave-one-out "
