@@ -456,7 +456,8 @@ def _add_hf_commands(commands) -> None:
 DEMO_OUT = Path("runs/demo")
 
 # Each recipe module exposes register_cli(subparsers) adding `taskvec run <name>`.
-RECIPES = ("addition", "negation", "fewshot", "tta", "variational")
+RECIPES = ("addition", "negation", "fewshot", "tta", "variational",
+           "precision", "gradient_free", "selection", "subspace", "lora", "peft")
 
 
 def _demo(args: argparse.Namespace) -> int:

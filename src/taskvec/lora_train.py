@@ -124,6 +124,17 @@ def adapter_parameter_count(peft_model: nn.Module) -> int:
     return sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
 
 
+def rank_for_budget(model: nn.Module, targets: str | Sequence[str], parameters: int) -> int:
+    """The LoRA rank whose adapter on ``targets`` has the learnable count nearest ``parameters`` (at least 1):
+    a rank-r adapter on a (out, in) weight learns r * (in + out) numbers."""
+    modules = dict(model.named_modules())
+    per_rank = 0
+    for name in lora_target_modules(model, targets):
+        weight = modules[name].weight
+        per_rank += weight.shape[0] + weight[0].numel()
+    return max(1, round(parameters / per_rank))
+
+
 @dataclass
 class LoraRun:
     """A trained adapter: the peft model, the spec, the resolved targets and the training record."""
