@@ -55,10 +55,12 @@ class _Suite:
     name = "fake"
     tasks = ("a", "b", "c")
 
-    def __init__(self, pool: str | None) -> None:
+    def __init__(self, pool: str) -> None:
         self.built: list[str] = []
-        if pool is not None:
-            self.few_shot_pool = lambda task: getattr(task, pool)
+        self.pool = pool
+
+    def few_shot_pool(self, task):
+        return getattr(task, self.pool)
 
     def build(self, tasks):
         self.built = list(tasks)
@@ -82,8 +84,8 @@ def test_held_out_target_leaves_the_target_out_and_draws_from_the_suites_pool():
     assert ctx.sources == ["a", "c"] and ctx.vectors() == ["a", "c"] and suite.built == ["a", "c", "b"]
     train, val = ctx.shots(2, 0)
     assert (train.images == 1).all() and (val.images == 1).all()  # the suite's rule: its training split
-    fallback, _ = HeldOutTarget(_Suite(pool=None), "b").shots(2, 0)
-    assert (fallback.images == 2).all()  # no rule: workflow.few_shot_pool, the validation split
+    other, _ = HeldOutTarget(_Suite(pool="val"), "b").shots(2, 0)
+    assert (other.images == 2).all()  # a suite whose rule is the validation split
     assert HeldOutTarget(suite).target == "c"  # '' = the suite's last task
     with pytest.raises(ValueError, match="'z' is not a task"):
         HeldOutTarget(suite, "z")

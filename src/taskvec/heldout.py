@@ -2,8 +2,8 @@
 recipes (precision, gradient-free, selection, subspace) share.
 
 The bank is leave-one-out (every suite task but the target), the head is the target's frozen head from
-the suite, the k shots per class come from the suite's few-shot pool (``suite.few_shot_pool`` where the
-suite has one, else :func:`taskvec.workflow.few_shot_pool`) and are split by
+the suite, the k shots per class come from the suite's few-shot pool (``suite.few_shot_pool``: the split
+the target's head never saw) and are split by
 :func:`~taskvec.workflow.few_shot_split` into training and selection shots. Test data is only scored.
 """
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from taskvec.train import Batch
-from taskvec.workflow import DEFAULT_RESULTS, CoefficientSchedule, few_shot_pool, few_shot_split
+from taskvec.workflow import DEFAULT_RESULTS, CoefficientSchedule, few_shot_split
 
 __all__ = ["AUGMENTATIONS", "HeldOutSetup", "HeldOutTarget"]
 
@@ -98,9 +98,8 @@ class HeldOutTarget:
         return self.suite.vectors(self.sources)
 
     def pool(self) -> Any:
-        """Where the shots come from: the suite's own rule where it has one."""
-        rule = getattr(self.suite, "few_shot_pool", None)
-        return rule(self.task) if callable(rule) else few_shot_pool(self.task)
+        """Where the shots come from: the suite's rule (the split the target's head never saw)."""
+        return self.suite.few_shot_pool(self.task)
 
     def shots(self, k: int, seed: int) -> tuple[Any, Any | None]:
         """(training shots, selection shots or None at k = 1)."""
