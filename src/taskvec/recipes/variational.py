@@ -33,7 +33,7 @@ import taskvec.variational.experiment as vx
 from taskvec import experiment as ex
 from taskvec import workflow
 from taskvec.compose import Composer
-from taskvec.report import markdown_table, write_results
+from taskvec.report import write_results
 from taskvec.suites import add_suite_arguments, make_suite, suite_from_args
 from taskvec.suites.multitask import SuiteMultiTaskData
 from taskvec.variational import VariationalConfig, plot_kept_fraction
@@ -262,43 +262,11 @@ def run_variational(config: VariationalRecipeConfig | None = None, *, suite: Any
         payload[part] = {**PART_RUNNERS[part](config, suite, tasks, out, settings, **extra),
                          "seconds": time.perf_counter() - tic}
     payload["seconds"] = time.perf_counter() - started
-    table = _table(payload, config)
+    table = vx.report_table(payload, config, {key: method.label for key, method in METHODS.items()})
     payload["files"] = {"json": str(out / "variational.json"), "markdown": str(out / "variational.md"),
                         **({"kept_plot": payload["addition"]["kept_plot"]} if "addition" in payload else {})}
     write_results(out, "variational", ex.json_safe(payload), table)
     return {**payload, "table": table}
-
-
-def _table(payload: dict, config: VariationalRecipeConfig) -> str:
-    sections = []
-    if "addition" in payload:
-        part, tasks = payload["addition"], payload["addition"]["tasks"]
-        rows = [{"method": r["method"], **{t[:12]: r["test_acc"][t] for t in tasks}, "avg": r["avg_acc"],
-                 "avg balanced": sum(r["test_balanced_acc"].values()) / len(tasks), "avg normalised":
-                 r["avg_normalized"], "kept": r.get("kept_fraction_avg", 1.0), "seconds": r["seconds"]}
-                for r in (part["atlas"], part["variational"])]
-        cost = [{"inference": r["method"], "ms / batch": r["ms_per_batch"], "x merged": r["relative"]}
-                for r in part["cost"]]
-        sections += [f"**Task addition** over {len(tasks)} tasks, test accuracy (normalised: over each task's "
-                     "fine-tuned accuracy); both rows trained on the same fitting parts of the validation splits and "
-                     "selected on the same selection parts. 'kept': fraction of coefficients the gate keeps, averaged "
-                     "over test inputs.", markdown_table(rows), f"**Inference cost** per batch of {config.timing_batch}"
-                     f" (CPU, best of {config.timing_rounds}), relative to the merged aTLAS network:",
-                     markdown_table(cost)]
-    if "fewshot" in payload:
-        cells = {(name, s["method"], s["k"]): s for name, rows in payload["fewshot"]["summary"].items() for s in rows}
-        columns = [f"{name} k={k}" for name in ("acc", "balanced_acc", "kept_fraction") for k in config.shots]
-        rows = [{"method": m.label, **{f"{name} k={k}": f"{100 * c['mean']:.1f} ± {100 * (c['se'] or 0):.1f}"
-                                       for name in ("acc", "balanced_acc", "kept_fraction") for k in config.shots
-                                       if (c := cells.get((name, key, k)))}} for key, m in METHODS.items()]
-        sections += [f"**Few-shot** on {', '.join(config.targets)} (leave-one-out bank): test accuracy, balanced "
-                     f"accuracy and the coefficients the gate keeps, in %, mean ± s.e. over seeds "
-                     f"{list(config.seeds)}; both methods on the same shots.",
-                     markdown_table(rows, ["method", *columns])]
-    scale = "per-sample ELBO" if config.kl_normalizer == "sample" else "KL divided by the number of fitting samples"
-    sections.append(f"Objective: {scale}, KL weight beta = {config.kl_weight:g} (warm-up over "
-                    f"{config.kl_warmup_fraction:.0%} of the steps); per-sample runner {config.variational.method!r}.")
-    return "\n\n".join(sections)
 
 
 # Options for the nested settings (flag destination -> section, field, help); the rest is generated.

@@ -9,13 +9,14 @@ logits come from a suite (:class:`taskvec.suites.Suite`), so the same code runs 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from taskvec.report import markdown_table
 from taskvec.train import TrainConfig, TrainResult, fit
 from taskvec.variational.model import ELBOLoss, VariationalComposer
 
@@ -228,3 +229,37 @@ def learn_variational_multitask(
                              kl_warmup_fraction=kl_warmup_fraction, seed=setup.seed, evaluate=ctx.selection_score,
                              progress=setup.progress, description="variational (multi-task)", checkpoint=checkpoint,
                              resume=setup.resume)
+
+
+def report_table(payload: dict, config: Any, labels: Mapping[str, str]) -> str:
+    """The variational recipe's markdown from its payload: task addition (accuracy, kept fraction,
+    inference cost) and the few-shot grid (mean +- s.e. over seeds); ``labels``: method key -> row name."""
+    sections = []
+    if "addition" in payload:
+        part, tasks = payload["addition"], payload["addition"]["tasks"]
+        rows = [{"method": r["method"], **{t[:12]: r["test_acc"][t] for t in tasks}, "avg": r["avg_acc"],
+                 "avg balanced": sum(r["test_balanced_acc"].values()) / len(tasks), "avg normalised":
+                 r["avg_normalized"], "kept": r.get("kept_fraction_avg", 1.0), "seconds": r["seconds"]}
+                for r in (part["atlas"], part["variational"])]
+        cost = [{"inference": r["method"], "ms / batch": r["ms_per_batch"], "x merged": r["relative"]}
+                for r in part["cost"]]
+        sections += [f"**Task addition** over {len(tasks)} tasks, test accuracy (normalised: over each task's "
+                     "fine-tuned accuracy); both rows trained on the same fitting parts of the validation splits and "
+                     "selected on the same selection parts. 'kept': fraction of coefficients the gate keeps, averaged "
+                     "over test inputs.", markdown_table(rows), f"**Inference cost** per batch of {config.timing_batch}"
+                     f" (CPU, best of {config.timing_rounds}), relative to the merged aTLAS network:",
+                     markdown_table(cost)]
+    if "fewshot" in payload:
+        cells = {(name, s["method"], s["k"]): s for name, rows in payload["fewshot"]["summary"].items() for s in rows}
+        columns = [f"{name} k={k}" for name in ("acc", "balanced_acc", "kept_fraction") for k in config.shots]
+        rows = [{"method": label, **{f"{name} k={k}": f"{100 * c['mean']:.1f} ± {100 * (c['se'] or 0):.1f}"
+                                       for name in ("acc", "balanced_acc", "kept_fraction") for k in config.shots
+                                       if (c := cells.get((name, key, k)))}} for key, label in labels.items()]
+        sections += [f"**Few-shot** on {', '.join(config.targets)} (leave-one-out bank): test accuracy, balanced "
+                     f"accuracy and the coefficients the gate keeps, in %, mean ± s.e. over seeds "
+                     f"{list(config.seeds)}; both methods on the same shots.",
+                     markdown_table(rows, ["method", *columns])]
+    scale = "per-sample ELBO" if config.kl_normalizer == "sample" else "KL divided by the number of fitting samples"
+    sections.append(f"Objective: {scale}, KL weight beta = {config.kl_weight:g} (warm-up over "
+                    f"{config.kl_warmup_fraction:.0%} of the steps); per-sample runner {config.variational.method!r}.")
+    return "\n\n".join(sections)
