@@ -27,7 +27,7 @@ CONFIG = BankConfig(backbone="tiny_cnn", resolution=16, epochs=2, lr=3e-3, batch
 
 def _config(out, **overrides) -> LoraConfig:
     settings = dict(target="gamma", shots=(4,), seeds=(0,), epochs=2, batch_size=8, min_steps=2, augmentation="none",
-                    ranks=(2,), targets=("conv1x1",), lora_steps=3, lora_batch_size=8, out=out, progress=False)
+                    ranks=(2,), modules=("conv1x1",), lora_steps=3, lora_batch_size=8, out=out, progress=False)
     settings.update(overrides)
     return LoraConfig(**settings)
 
@@ -35,7 +35,7 @@ def _config(out, **overrides) -> LoraConfig:
 def _check(suite, config: LoraConfig, result: dict, monkeypatch) -> None:
     records = {r["bank"]: r for r in result["records"]}
     ctx = HeldOutTarget(suite, config.target)
-    n, (targets,), (rank,) = len(ctx.sources), config.targets, config.ranks
+    n, (targets,), (rank,) = len(ctx.sources), config.modules, config.ranks
     weights = {name: p.shape for name, p in ctx.base.named_parameters()}
     adapted = [weights[f"{m}.weight"] for m in lora_target_modules(ctx.base, targets)]
     lora_bytes = sum(4 * rank * (shape[0] + math.prod(shape[1:])) for shape in adapted)
@@ -68,7 +68,7 @@ def test_lora_on_the_vision_bank(tmp_path_factory, monkeypatch):
 def test_lora_on_the_text_suite(tiny, tmp_path, monkeypatch):  # noqa: F811 (the imported fixture)
     monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
     suite = make_suite(tiny, tmp_path / "bank")
-    config = _config(tmp_path / "out", target="beta", shots=(2,), targets=("both",), lora_batch_size=4)
+    config = _config(tmp_path / "out", target="beta", shots=(2,), modules=("both",), lora_batch_size=4)
     _check(suite, config, run_lora(config, suite=suite), monkeypatch)
 
 
@@ -76,4 +76,4 @@ def test_lora_config_names_the_bad_value():
     with pytest.raises(ValueError, match="ranks"):
         LoraConfig(ranks=(0,))
     with pytest.raises(ValueError, match="qkv"):
-        LoraConfig(targets=("qkv",))
+        LoraConfig(modules=("qkv",))

@@ -472,3 +472,27 @@ def nested_from_args(config: Any, args: argparse.Namespace, options: Mapping[str
     for dest, (section, name, _) in options.items():
         values.setdefault(section, {})[name] = getattr(args, dest)
     return {section: replace(getattr(config, section), **fields_) for section, fields_ in values.items()}
+
+
+def recipe_command(
+    subparsers: argparse._SubParsersAction, name: str, config_class: type, run: Callable[..., dict], *,
+    help: str, description: str,
+) -> argparse.ArgumentParser:
+    """``taskvec run NAME`` for a recipe whose whole command line is its config: options generated from
+    ``config_class``, ``--suite`` / ``--bank-root``; the command builds the config (validated before any
+    work) and the suite, calls ``run(config, suite=...)`` and prints the table and the files written."""
+    from taskvec.suites import add_suite_arguments, suite_from_args
+
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_config_arguments(parser, config_class)
+    add_suite_arguments(parser)
+
+    def command(args: argparse.Namespace) -> int:
+        config = config_from_args(config_class, args)
+        result = run(config, suite=suite_from_args(args, progress=getattr(config, "progress", True)))
+        print(result["table"])
+        print(f"\nresults: {result['files']['json']}\ntable:   {result['files']['markdown']}")
+        return 0
+
+    parser.set_defaults(run=command)
+    return parser

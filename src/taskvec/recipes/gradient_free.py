@@ -27,13 +27,12 @@ from torch import nn
 from taskvec.compose import Composer
 from taskvec.experiment import (
     RecordStore,
-    add_config_arguments,
-    config_from_args,
     fingerprint,
     grid,
     markdown_table,
     mean_se,
     plot_bars,
+    recipe_command,
     run_grid,
     write_results,
 )
@@ -41,7 +40,7 @@ from taskvec.heldout import HeldOutSetup, HeldOutTarget
 from taskvec.measure import peak_memory
 from taskvec.objectives import cross_entropy
 from taskvec.search import search_coefficients
-from taskvec.suites import add_suite_arguments, make_suite, suite_from_args
+from taskvec.suites import make_suite
 from taskvec.workflow import DEFAULT_RESULTS, learn_atlas
 
 # (ctx, config, bank, train shots, selection shots, seed) -> (merged model, details)
@@ -159,16 +158,6 @@ def run_gradient_free(config: GradientFreeConfig | None = None, *, suite=None) -
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """``taskvec run gradient-free``."""
-    parser = subparsers.add_parser("gradient-free", help="NGOpt coefficient search vs gradient aTLAS",
-                                   description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser, GradientFreeConfig)
-    add_suite_arguments(parser)
-    parser.set_defaults(run=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    config = config_from_args(GradientFreeConfig, args)
-    result = run_gradient_free(config, suite=suite_from_args(args, progress=config.progress))
-    print(result["table"])
-    print(f"\nresults: {result['files']['json']}\ntable:   {result['files']['markdown']}")
-    return 0
+    recipe_command(subparsers, "gradient-free", GradientFreeConfig, run_gradient_free,
+                   help="NGOpt coefficient search vs gradient aTLAS",
+                   description=__doc__.split("\n\n")[0])

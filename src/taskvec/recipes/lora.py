@@ -23,13 +23,12 @@ from pathlib import Path
 
 from taskvec.experiment import (
     RecordStore,
-    add_config_arguments,
-    config_from_args,
     fingerprint,
     grid,
     markdown_table,
     mean_se,
     plot_bars,
+    recipe_command,
     run_grid,
     write_results,
 )
@@ -38,7 +37,7 @@ from taskvec.hf.adapters import load_adapter
 from taskvec.lora_train import RECORD_FILE, TARGET_SETS, LoraSpec, lora_target_modules, save_adapter, train_lora
 from taskvec.objectives import cross_entropy
 from taskvec.selection import vector_nbytes
-from taskvec.suites import add_suite_arguments, make_suite, suite_from_args
+from taskvec.suites import make_suite
 from taskvec.train import TrainConfig
 from taskvec.vectors import TaskVector
 from taskvec.workflow import DEFAULT_RESULTS, learn_atlas
@@ -47,7 +46,7 @@ from taskvec.workflow import DEFAULT_RESULTS, learn_atlas
 @dataclass
 class LoraConfig(HeldOutSetup):
     ranks: tuple[int, ...] = field(default=(4, 16), metadata={"help": "LoRA ranks (paper: 4 16 64)"})
-    targets: tuple[str, ...] = field(default=("both",), metadata={
+    modules: tuple[str, ...] = field(default=("both",), metadata={
         "help": "modules adapted (attention/mlp/both on transformers, conv1x1 on CNNs)", "choices": TARGET_SETS})
     dense: bool = field(default=True, metadata={"help": "also the dense bank, whole and restricted to the targets"})
     lora_epochs: int = field(default=1, metadata={"help": "LoRA fine-tuning epochs per source task"})
@@ -60,9 +59,9 @@ class LoraConfig(HeldOutSetup):
         super().__post_init__()
         if not self.ranks or any(r < 1 for r in self.ranks):
             raise ValueError(f"ranks must name ranks >= 1; got {list(self.ranks)}")
-        unknown = [t for t in self.targets if t not in TARGET_SETS]
-        if unknown or not self.targets:
-            raise ValueError(f"targets {unknown or '()'} must name some of {list(TARGET_SETS)}")
+        unknown = [t for t in self.modules if t not in TARGET_SETS]
+        if unknown or not self.modules:
+            raise ValueError(f"modules {unknown or '()'} must name some of {list(TARGET_SETS)}")
         for name in ("lora_epochs", "lora_steps", "lora_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -73,7 +72,7 @@ class LoraConfig(HeldOutSetup):
                 "batch_size": self.lora_batch_size, "augmentation": self.augmentation}
 
     def specs(self) -> dict[str, LoraSpec]:
-        return {f"lora-r{r}-{t}": LoraSpec(rank=r, targets=t) for t in self.targets for r in self.ranks}
+        return {f"lora-r{r}-{t}": LoraSpec(rank=r, targets=t) for t in self.modules for r in self.ranks}
 
 
 def adapter(ctx: HeldOutTarget, config: LoraConfig, bank: str, task: str):
@@ -128,7 +127,7 @@ def run_lora(config: LoraConfig | None = None, *, suite=None) -> dict:
     suite = suite or make_suite("vision", progress=config.progress)
     started = time.perf_counter()
     ctx = HeldOutTarget(suite, config.target)
-    banks = (["dense", *(f"dense-{t}" for t in config.targets)] if config.dense else []) + list(config.specs())
+    banks = (["dense", *(f"dense-{t}" for t in config.modules)] if config.dense else []) + list(config.specs())
     settings = {**config.numbers(), "lora": config.training(), "held_out": ctx.identity()}
     store = RecordStore(config.out / "lora_records.jsonl", fingerprint(settings), config.resume)
     records = run_grid(grid(bank=banks, k=config.shots, seed=config.seeds),
@@ -157,16 +156,6 @@ def run_lora(config: LoraConfig | None = None, *, suite=None) -> dict:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """``taskvec run lora``."""
-    parser = subparsers.add_parser("lora", help="few-shot aTLAS over LoRA adapter banks vs the dense bank",
-                                   description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser, LoraConfig)
-    add_suite_arguments(parser)
-    parser.set_defaults(run=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    config = config_from_args(LoraConfig, args)
-    result = run_lora(config, suite=suite_from_args(args, progress=config.progress))
-    print(result["table"])
-    print(f"\nresults: {result['files']['json']}\ntable:   {result['files']['markdown']}")
-    return 0
+    recipe_command(subparsers, "lora", LoraConfig, run_lora,
+                   help="few-shot aTLAS over LoRA adapter banks vs the dense bank",
+                   description=__doc__.split("\n\n")[0])

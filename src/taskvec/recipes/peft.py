@@ -27,12 +27,11 @@ from taskvec.compose import Composer
 from taskvec.evaluate import selection_metric
 from taskvec.experiment import (
     RecordStore,
-    add_config_arguments,
-    config_from_args,
     fingerprint,
     grid,
     markdown_table,
     mean_se,
+    recipe_command,
     run_grid,
     write_results,
 )
@@ -40,7 +39,7 @@ from taskvec.heldout import HeldOutSetup, HeldOutTarget
 from taskvec.lora_train import TARGET_SETS, LoraSpec, rank_for_budget, train_lora
 from taskvec.objectives import cross_entropy
 from taskvec.report import plot_lines
-from taskvec.suites import add_suite_arguments, make_suite, suite_from_args
+from taskvec.suites import make_suite
 from taskvec.train import TrainConfig
 from taskvec.workflow import DEFAULT_RESULTS, train_through_backbone
 
@@ -161,16 +160,6 @@ def run_peft(config: PeftConfig | None = None, *, suite=None) -> dict:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """``taskvec run peft``."""
-    parser = subparsers.add_parser("peft", help="aTLAS x K vs LoRA vs fine-tuning across data fractions",
-                                   description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser, PeftConfig)
-    add_suite_arguments(parser)
-    parser.set_defaults(run=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    config = config_from_args(PeftConfig, args)
-    result = run_peft(config, suite=suite_from_args(args, progress=config.progress))
-    print(result["table"])
-    print(f"\nresults: {result['files']['json']}\ntable:   {result['files']['markdown']}")
-    return 0
+    recipe_command(subparsers, "peft", PeftConfig, run_peft,
+                   help="aTLAS x K vs LoRA vs fine-tuning across data fractions",
+                   description=__doc__.split("\n\n")[0])

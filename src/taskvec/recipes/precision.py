@@ -24,12 +24,11 @@ from pathlib import Path
 from taskvec.compose import Composer
 from taskvec.experiment import (
     RecordStore,
-    add_config_arguments,
-    config_from_args,
     fingerprint,
     grid,
     markdown_table,
     mean_se,
+    recipe_command,
     run_grid,
     write_results,
 )
@@ -40,7 +39,7 @@ from taskvec.objectives import cross_entropy
 from taskvec.quantize import quantize_bank
 from taskvec.report import plot_lines
 from taskvec.selection import vector_nbytes
-from taskvec.suites import add_suite_arguments, make_suite, suite_from_args
+from taskvec.suites import make_suite
 from taskvec.workflow import DEFAULT_RESULTS, learn_atlas
 
 
@@ -190,16 +189,6 @@ def run_precision(config: PrecisionConfig | None = None, *, suite=None) -> dict:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """``taskvec run precision``."""
-    parser = subparsers.add_parser("precision", help="few-shot aTLAS with the bank stored in fp32/bf16/fp16/int8/int4",
-                                   description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser, PrecisionConfig)
-    add_suite_arguments(parser)
-    parser.set_defaults(run=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    config = config_from_args(PrecisionConfig, args)
-    result = run_precision(config, suite=suite_from_args(args, progress=config.progress))
-    print(result["table"])
-    print(f"\nresults: {result['files']['json']}\ntable:   {result['files']['markdown']}")
-    return 0
+    recipe_command(subparsers, "precision", PrecisionConfig, run_precision,
+                   help="few-shot aTLAS with the bank stored in fp32/bf16/fp16/int8/int4",
+                   description=__doc__.split("\n\n")[0])

@@ -27,12 +27,11 @@ import torch
 from taskvec import selection as rules
 from taskvec.experiment import (
     RecordStore,
-    add_config_arguments,
-    config_from_args,
     fingerprint,
     grid,
     markdown_table,
     mean_se,
+    recipe_command,
     run_grid,
     write_results,
 )
@@ -40,7 +39,7 @@ from taskvec.heldout import HeldOutSetup, HeldOutTarget
 from taskvec.measure import peak_memory
 from taskvec.objectives import cross_entropy
 from taskvec.report import plot_lines
-from taskvec.suites import add_suite_arguments, make_suite, suite_from_args
+from taskvec.suites import make_suite
 from taskvec.workflow import DEFAULT_RESULTS, learn_atlas
 
 Rule = Callable[["HeldOutTarget", "SelectionConfig", list, object, int, int], rules.Selection]
@@ -177,16 +176,6 @@ def run_selection(config: SelectionConfig | None = None, *, suite=None) -> dict:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """``taskvec run selection``."""
-    parser = subparsers.add_parser("selection", help="keep N task vectors by features/gradient/blockwise/random",
-                                   description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser, SelectionConfig)
-    add_suite_arguments(parser)
-    parser.set_defaults(run=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    config = config_from_args(SelectionConfig, args)
-    result = run_selection(config, suite=suite_from_args(args, progress=config.progress))
-    print(result["table"])
-    print(f"\nresults: {result['files']['json']}\ntable:   {result['files']['markdown']}")
-    return 0
+    recipe_command(subparsers, "selection", SelectionConfig, run_selection,
+                   help="keep N task vectors by features/gradient/blockwise/random",
+                   description=__doc__.split("\n\n")[0])

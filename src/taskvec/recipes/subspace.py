@@ -24,19 +24,18 @@ from pathlib import Path
 from taskvec.compose import Composer
 from taskvec.experiment import (
     RecordStore,
-    add_config_arguments,
-    config_from_args,
     fingerprint,
     grid,
     markdown_table,
     mean_se,
+    recipe_command,
     run_grid,
     write_results,
 )
 from taskvec.heldout import HeldOutSetup, HeldOutTarget
 from taskvec.report import plot_lines
 from taskvec.subspace import random_bases
-from taskvec.suites import add_suite_arguments, make_suite, suite_from_args
+from taskvec.suites import make_suite
 from taskvec.workflow import DEFAULT_RESULTS, train_through_backbone
 
 
@@ -140,16 +139,6 @@ def run_subspace(config: SubspaceConfig | None = None, *, suite=None) -> dict:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """``taskvec run subspace``."""
-    parser = subparsers.add_parser("subspace", help="span of d task vectors vs d random bases (intrinsic dimension)",
-                                   description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser, SubspaceConfig)
-    add_suite_arguments(parser)
-    parser.set_defaults(run=_cli)
-
-
-def _cli(args: argparse.Namespace) -> int:
-    config = config_from_args(SubspaceConfig, args)
-    result = run_subspace(config, suite=suite_from_args(args, progress=config.progress))
-    print(result["table"])
-    print(f"\nresults: {result['files']['json']}\ntable:   {result['files']['markdown']}")
-    return 0
+    recipe_command(subparsers, "subspace", SubspaceConfig, run_subspace,
+                   help="span of d task vectors vs d random bases (intrinsic dimension)",
+                   description=__doc__.split("\n\n")[0])
