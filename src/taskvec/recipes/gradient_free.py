@@ -34,11 +34,11 @@ from taskvec.experiment import (
     plot_bars,
     recipe_command,
     run_grid,
-    write_results,
 )
 from taskvec.heldout import HeldOutSetup, HeldOutTarget
 from taskvec.measure import peak_memory
 from taskvec.objectives import cross_entropy
+from taskvec.report import publish
 from taskvec.search import search_coefficients
 from taskvec.suites import make_suite
 from taskvec.workflow import DEFAULT_RESULTS, learn_atlas
@@ -152,8 +152,7 @@ def run_gradient_free(config: GradientFreeConfig | None = None, *, suite=None) -
                      title=f"{ctx.target}, k={k}")
     payload = {"config": {**asdict(config), "out": str(config.out)}, "held_out": ctx.identity(), "records": records,
                "rows": rows, "plot": str(plot), "seconds": time.perf_counter() - started}
-    json_path, md_path = write_results(config.out, "gradient_free", payload, table)
-    return {**payload, "table": table, "files": {"json": str(json_path), "markdown": str(md_path)}}
+    return publish(config.out, "gradient_free", payload, table)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -30,12 +30,12 @@ from taskvec.experiment import (
     plot_bars,
     recipe_command,
     run_grid,
-    write_results,
 )
 from taskvec.heldout import HeldOutSetup, HeldOutTarget
 from taskvec.hf.adapters import load_adapter
 from taskvec.lora_train import RECORD_FILE, TARGET_SETS, LoraSpec, lora_target_modules, save_adapter, train_lora
 from taskvec.objectives import cross_entropy
+from taskvec.report import publish
 from taskvec.selection import vector_nbytes
 from taskvec.suites import make_suite
 from taskvec.train import TrainConfig
@@ -150,8 +150,7 @@ def run_lora(config: LoraConfig | None = None, *, suite=None) -> dict:
                       for b in banks}, config.out / "lora.png", ylabel="test accuracy", title=f"{ctx.target}, k={k}")
     payload = {"config": {**asdict(config), "out": str(config.out)}, "held_out": ctx.identity(), "records": records,
                "rows": rows, "plot": str(plot), "seconds": time.perf_counter() - started}
-    json_path, md_path = write_results(config.out, "lora", payload, table)
-    return {**payload, "table": table, "files": {"json": str(json_path), "markdown": str(md_path)}}
+    return publish(config.out, "lora", payload, table)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

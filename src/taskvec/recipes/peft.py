@@ -33,12 +33,11 @@ from taskvec.experiment import (
     mean_se,
     recipe_command,
     run_grid,
-    write_results,
 )
 from taskvec.heldout import HeldOutSetup, HeldOutTarget
 from taskvec.lora_train import TARGET_SETS, LoraSpec, rank_for_budget, train_lora
 from taskvec.objectives import cross_entropy
-from taskvec.report import plot_lines
+from taskvec.report import plot_lines, publish
 from taskvec.suites import make_suite
 from taskvec.train import TrainConfig
 from taskvec.workflow import DEFAULT_RESULTS, train_through_backbone
@@ -154,8 +153,7 @@ def run_peft(config: PeftConfig | None = None, *, suite=None) -> dict:
                       title=f"Parameter budgets vs data: {ctx.target}", logx=True)
     payload = {"config": {**asdict(config), "out": str(config.out)}, "held_out": ctx.identity(), "records": records,
                "rows": rows, "plot": str(plot), "seconds": time.perf_counter() - started}
-    json_path, md_path = write_results(config.out, "peft", payload, table)
-    return {**payload, "table": table, "files": {"json": str(json_path), "markdown": str(md_path)}}
+    return publish(config.out, "peft", payload, table)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -30,14 +30,13 @@ from taskvec.experiment import (
     mean_se,
     recipe_command,
     run_grid,
-    write_results,
 )
 from taskvec.heldout import HeldOutSetup, HeldOutTarget
 from taskvec.measure import peak_memory, time_step
 from taskvec.merging import alpha_search, task_arithmetic
 from taskvec.objectives import cross_entropy
 from taskvec.quantize import quantize_bank
-from taskvec.report import plot_lines
+from taskvec.report import plot_lines, publish
 from taskvec.selection import vector_nbytes
 from taskvec.suites import make_suite
 from taskvec.workflow import DEFAULT_RESULTS, learn_atlas
@@ -183,8 +182,7 @@ def run_precision(config: PrecisionConfig | None = None, *, suite=None) -> dict:
     payload = {"config": {**asdict(config), "out": str(config.out)}, "held_out": ctx.identity(),
                "records": records, "addition": additions, "rows": rows, "plot": str(plot),
                "seconds": time.perf_counter() - started}
-    json_path, md_path = write_results(config.out, "precision", payload, table)
-    return {**payload, "table": table, "files": {"json": str(json_path), "markdown": str(md_path)}}
+    return publish(config.out, "precision", payload, table)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

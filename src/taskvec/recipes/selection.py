@@ -33,12 +33,11 @@ from taskvec.experiment import (
     mean_se,
     recipe_command,
     run_grid,
-    write_results,
 )
 from taskvec.heldout import HeldOutSetup, HeldOutTarget
 from taskvec.measure import peak_memory
 from taskvec.objectives import cross_entropy
-from taskvec.report import plot_lines
+from taskvec.report import plot_lines, publish
 from taskvec.suites import make_suite
 from taskvec.workflow import DEFAULT_RESULTS, learn_atlas
 
@@ -170,8 +169,7 @@ def run_selection(config: SelectionConfig | None = None, *, suite=None) -> dict:
                       title=f"Selection under a memory budget: {ctx.target}")
     payload = {"config": {**asdict(config), "out": str(config.out)}, "held_out": ctx.identity(), "records": records,
                "rows": rows, "plot": str(plot), "seconds": time.perf_counter() - started}
-    json_path, md_path = write_results(config.out, "selection", payload, table)
-    return {**payload, "table": table, "files": {"json": str(json_path), "markdown": str(md_path)}}
+    return publish(config.out, "selection", payload, table)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

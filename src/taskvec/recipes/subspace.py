@@ -30,10 +30,9 @@ from taskvec.experiment import (
     mean_se,
     recipe_command,
     run_grid,
-    write_results,
 )
 from taskvec.heldout import HeldOutSetup, HeldOutTarget
-from taskvec.report import plot_lines
+from taskvec.report import plot_lines, publish
 from taskvec.subspace import random_bases
 from taskvec.suites import make_suite
 from taskvec.workflow import DEFAULT_RESULTS, train_through_backbone
@@ -133,8 +132,7 @@ def run_subspace(config: SubspaceConfig | None = None, *, suite=None) -> dict:
     payload = {"config": {**asdict(config), "out": str(config.out)}, "held_out": ctx.identity(),
                "finetuned_test_acc": reference, "records": records, "rows": rows, "plot": str(plot),
                "seconds": time.perf_counter() - started}
-    json_path, md_path = write_results(config.out, "subspace", payload, table)
-    return {**payload, "table": table, "files": {"json": str(json_path), "markdown": str(md_path)}}
+    return publish(config.out, "subspace", payload, table)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
