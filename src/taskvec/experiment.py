@@ -195,11 +195,15 @@ def summarize_by_method(records: Sequence[dict], keys: Sequence[str]) -> dict[st
 def format_mean_se(stat: Mapping[str, Any] | None, *, scale: float = 100.0, sign: str = "") -> str:
     """``"81.5 ± 0.4"`` from ``{"mean", "se"}`` times ``scale``; no ``±`` for an undefined s.e., empty when
     missing; ``sign="+"`` prints changes signed."""
-    if stat is None or stat["mean"] is None or stat["mean"] != stat["mean"]:
+    if stat is None:
         return ""
-    text = f"{scale * stat['mean']:{sign}.1f}"
-    se = stat.get("se")
-    return text if se is None or se != se else f"{text} ± {scale * se:.1f}"
+    return mean_se_cell(stat["mean"], stat.get("se"), scale=scale, signed=sign == "+")
+
+
+def values_cell(values: Sequence[float], *, scale: float = 100.0, digits: int = 1) -> str:
+    """:func:`mean_se_cell` of raw values (one value: no ``±``)."""
+    mean, se = mean_se(values)
+    return mean_se_cell(mean, se, scale=scale, digits=digits)
 
 
 def json_safe(value: object) -> object:
@@ -226,13 +230,14 @@ def history(result: TrainResult) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-def mean_se_cell(mean: float | None, se: float | None, *, scale: float = 100.0, signed: bool = False) -> str:
+def mean_se_cell(mean: float | None, se: float | None, *, scale: float = 100.0, signed: bool = False,
+                 digits: int = 1) -> str:
     """``"81.5 ± 0.4"`` (``scale`` 100: a fraction shown in %); no ``± ...`` when the s.e. is undefined
     (one seed), empty when the mean is."""
     if mean is None or mean != mean:
         return ""
-    text = f"{scale * mean:{'+' if signed else ''}.1f}"
-    return text if se is None or se != se else f"{text} ± {scale * se:.1f}"
+    text = f"{scale * mean:{'+' if signed else ''}.{digits}f}"
+    return text if se is None or se != se else f"{text} ± {scale * se:.{digits}f}"
 
 
 def grid_table(

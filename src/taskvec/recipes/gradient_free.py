@@ -34,6 +34,7 @@ from taskvec.experiment import (
     plot_bars,
     recipe_command,
     run_grid,
+    values_cell,
 )
 from taskvec.heldout import HeldOutSetup, HeldOutTarget
 from taskvec.measure import peak_memory
@@ -112,11 +113,6 @@ def _job(ctx: HeldOutTarget, config: GradientFreeConfig, job: dict) -> dict:
             **detail}
 
 
-def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    mean, se = mean_se(values)
-    return f"{scale * mean:.{digits}f}" + ("" if se != se else f" ± {scale * se:.{digits}f}")
-
-
 def run_gradient_free(config: GradientFreeConfig | None = None, *, suite=None) -> dict:
     """NGOpt vs gradient aTLAS on a held-out target; writes ``<out>/gradient_free.{json,md,png}``."""
     config = config or GradientFreeConfig()
@@ -135,12 +131,14 @@ def run_gradient_free(config: GradientFreeConfig | None = None, *, suite=None) -
             rs = [r for r in records if r["method"] == method and r["k"] == k]
             rows.append({"method": METHODS[method].label, "k": k, "seeds": len(rs), "learned": rs[0]["learned"],
                          "evaluations": rs[0]["evaluations"] or f"{config.epochs} epochs",
-                         "test acc %": _cell([r["test_acc"] for r in rs]),
-                         "selection acc %": _cell([r["selection_acc"] for r in rs if r["selection_acc"] is not None]),
-                         "wall s": _cell([r["seconds"] for r in rs], 1.0),
-                         "CPU s": _cell([r["cpu_seconds"] for r in rs], 1.0),
-                         "peak RSS MiB": _cell([r["memory"]["peak_mib"] for r in rs], 1.0, 0),
-                         "peak over start MiB": _cell([r["memory"]["added_mib"] for r in rs], 1.0, 0)})
+                         "test acc %": values_cell([r["test_acc"] for r in rs]),
+                         "selection acc %": values_cell([r["selection_acc"] for r in rs
+                                                         if r["selection_acc"] is not None]),
+                         "wall s": values_cell([r["seconds"] for r in rs], scale=1.0),
+                         "CPU s": values_cell([r["cpu_seconds"] for r in rs], scale=1.0),
+                         "peak RSS MiB": values_cell([r["memory"]["peak_mib"] for r in rs], scale=1.0, digits=0),
+                         "peak over start MiB": values_cell([r["memory"]["added_mib"] for r in rs], scale=1.0,
+                                                            digits=0)})
     header = (f"Gradient-free vs gradient coefficients on **{ctx.target}** ({suite.name} suite), leave-one-out "
               f"bank of {len(ctx.sources)} vectors; {config.optimizer} budget {config.budget} evaluations of the "
               f"training-shot cross-entropy within ±{config.bound:g}; aTLAS {config.epochs} epochs, lr "

@@ -30,6 +30,7 @@ from taskvec.experiment import (
     mean_se,
     recipe_command,
     run_grid,
+    values_cell,
 )
 from taskvec.heldout import HeldOutSetup, HeldOutTarget
 from taskvec.measure import peak_memory, time_step
@@ -127,11 +128,6 @@ def _addition_job(ctx: HeldOutTarget, config: PrecisionConfig, job: dict) -> dic
             "tasks": tasks}
 
 
-def _cell(values: list[float], scale: float = 100.0) -> str:
-    mean, se = mean_se(values)
-    return f"{scale * mean:.1f}" + ("" if se != se else f" ± {scale * se:.1f}")
-
-
 def run_precision(config: PrecisionConfig | None = None, *, suite=None) -> dict:
     """Few-shot aTLAS (and optionally task addition) per bank storage; writes ``<out>/precision.{json,md,png}``."""
     config = config or PrecisionConfig()
@@ -153,13 +149,13 @@ def run_precision(config: PrecisionConfig | None = None, *, suite=None) -> dict:
         for k in config.shots:
             rs = [r for r in records if r["storage"] == storage and r["k"] == k]
             row = {"storage": STORAGES[storage].label, "k": k, "seeds": len(rs),
-                   "test acc %": _cell([r["test_acc"] for r in rs]),
+                   "test acc %": values_cell([r["test_acc"] for r in rs]),
                    "bank MiB": f"{rs[0]['bank_bytes'] / 2**20:.2f}",
-                   "peak RSS MiB": _cell([r["memory"]["peak_mib"] for r in rs], 1.0),
-                   "peak over start MiB": _cell([r["memory"]["added_mib"] for r in rs], 1.0),
-                   "step ms": _cell([r["step_seconds"] for r in rs], 1000.0),
-                   "step CPU ms": _cell([r["step_cpu_seconds"] for r in rs], 1000.0),
-                   "learn s (CPU s)": _cell([r["seconds"] for r in rs], 1.0)
+                   "peak RSS MiB": values_cell([r["memory"]["peak_mib"] for r in rs], scale=1.0),
+                   "peak over start MiB": values_cell([r["memory"]["added_mib"] for r in rs], scale=1.0),
+                   "step ms": values_cell([r["step_seconds"] for r in rs], scale=1000.0),
+                   "step CPU ms": values_cell([r["step_cpu_seconds"] for r in rs], scale=1000.0),
+                   "learn s (CPU s)": values_cell([r["seconds"] for r in rs], scale=1.0)
                    + f" ({mean_se([r['cpu_seconds'] for r in rs])[0]:.0f})"}
             added = [a for a in additions if a["storage"] == storage]
             if added:
