@@ -68,12 +68,13 @@ def test_suite_text_reaches_the_fewshot_recipe_through_the_cli(tiny, tmp_path, m
     from taskvec.suites import text as text_suite
 
     def factory(**kwargs):
-        kwargs.setdefault("root", tmp_path / "bank")
+        kwargs["root"] = kwargs.get("root") or tmp_path / "bank"  # --bank-root absent: None, never the user's cache
         kwargs["config"] = dataclasses.replace(TINY, seed=kwargs.get("config", TINY).seed)
         kwargs["tasks"] = ("alpha", "beta", "gamma")  # the fake tasks stand in for the registered ones
         return make_suite(tiny, **kwargs)
 
     monkeypatch.setattr(text_suite, "TextSuite", factory)
+    monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(validate, "_tasks", lambda suite="vision": ["alpha", "beta", "gamma"])
     out = tmp_path / "out"
     assert main(["run", "fewshot", "--suite", "text", "--targets", "gamma", "--shots", "2", "--seeds", "0",

@@ -89,6 +89,7 @@ def test_suite_flag_reaches_the_variational_recipe_through_the_cli(tiny, tmp_pat
     from taskvec import validate  # the CLI checks task names against the registered ones: these stand in
 
     monkeypatch.setattr(validate, "_tasks", lambda suite="vision": list(TASKS))
+    monkeypatch.setenv("TASKVEC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "cli"
     assert main(["run", "variational", "--suite", "text", "--targets", "gamma", "--shots", "2", "--seeds", "0",
                  "--epochs", "1", "--select-per-task", "2", "--fit-per-task", "3", "--batch-per-task", "2",
