@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from taskvec.experiment import check_fields
 from taskvec.train import Batch
 from taskvec.workflow import DEFAULT_RESULTS, CoefficientSchedule, few_shot_split
 
@@ -44,6 +45,7 @@ class HeldOutSetup:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        check_fields(self)  # every field's declared choices, this class's and a recipe's alike
         for name in ("shots", "seeds"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must name at least one value")

@@ -96,9 +96,6 @@ class SelectionConfig(HeldOutSetup):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ValueError(f"methods {unknown or '()'} must name some of {list(METHODS)}")
         if not self.keep or any(n < 1 for n in self.keep):
             raise ValueError(f"keep must name sizes >= 1; got {list(self.keep)}")
         if self.feature_samples < 1:

@@ -62,9 +62,6 @@ class SubspaceConfig(HeldOutSetup):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        unknown = [b for b in self.bases if b not in BASES]
-        if unknown or not self.bases:
-            raise ValueError(f"bases {unknown or '()'} must name some of {list(BASES)}")
         if not self.dims or any(d < 1 for d in self.dims):
             raise ValueError(f"dims must name dimensions >= 1; got {list(self.dims)}")
         if self.granularity not in GRANULARITIES:
