@@ -20,8 +20,9 @@ if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
   device=cuda
   flags=(--device cuda --autocast)
   step=(--models mobilenet_v2 --vectors 1 4 16 64 --storage fp32 bf16 --batch 256 --resolution 48
-        --steps 20 --warmup 5 --rounds 3)
-  vit=(--models vit-b32 --vectors 8 21 --storage fp32 bf16 --batch 64 --steps 10 --warmup 3 --rounds 2)
+        --steps 20 --warmup 5 --rounds 2)
+  vit=(--models vit-b32 --vectors 8 21 --storage fp32 bf16 --batch 64 --steps 10 --warmup 3 --rounds 1)
+  threads=${THREADS:-8}
   "$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}")' \
     | tee "$OUT/device.txt"
 else
@@ -29,11 +30,12 @@ else
   flags=(--device cpu)
   step=(--models tiny_cnn --vectors 1 4 --storage fp32 bf16 --batch 8 --resolution 16 --steps 2 --warmup 1 --rounds 1)
   vit=(--models tiny_vit --vectors 2 --storage fp32 bf16 --batch 2 --resolution 16 --steps 2 --warmup 1 --rounds 1)
+  threads=${THREADS:-2}
   echo "no CUDA device: CPU fallback on tiny models (checks the script, not the GPU)" | tee "$OUT/device.txt"
 fi
 
-"$PY" -m taskvec.cli --threads "${THREADS:-2}" bench step "${step[@]}" "${flags[@]}" --json "$OUT/step_$device.json" \
+"$PY" -m taskvec.cli --threads "$threads" bench step "${step[@]}" "${flags[@]}" --json "$OUT/step_$device.json" \
   | tee "$OUT/step_$device.md"
-"$PY" -m taskvec.cli --threads "${THREADS:-2}" bench step "${vit[@]}" "${flags[@]}" --json "$OUT/vit_$device.json" \
+"$PY" -m taskvec.cli --threads "$threads" bench step "${vit[@]}" "${flags[@]}" --json "$OUT/vit_$device.json" \
   | tee "$OUT/vit_$device.md"
 echo "tables in $OUT"
