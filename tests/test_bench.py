@@ -46,3 +46,20 @@ def test_prepare_bank_writes_storage_dtype_once(tmp_path):
 def test_memory_bandwidth_is_positive_and_finite():
     value = memory_bandwidth("cpu", mib=8, repeats=2)
     assert 1e8 < value < 1e13
+
+
+def test_cli_accepts_the_vit_b32_shape_and_names_unknown_models(monkeypatch, capsys):
+    from taskvec import cli
+
+    seen = {}
+
+    def fake_table(models, vectors, **kwargs):
+        seen["models"] = models
+        return []
+
+    monkeypatch.setattr(bench, "step_table", fake_table)
+    monkeypatch.setattr(bench, "format_step_table", lambda rows: "table")
+    assert cli.main(["bench", "step", "--models", "vit-b32", "tiny_cnn", "--vectors", "2"]) == 0
+    assert seen["models"] == ["vit-b32", "tiny_cnn"]
+    assert cli.main(["bench", "step", "--models", "vit-b99"]) != 0
+    assert "vit-b99" in capsys.readouterr().err

@@ -29,6 +29,7 @@ STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # CLIP ViT-B/32's image tower: 224 px, patch 32, width 768, 12 blocks of 12 heads (~88M parameters).
 VIT_B32 = {"img_size": 224, "patch_size": 32, "dim": 768, "depth": 12, "heads": 12, "mlp_ratio": 4.0}
 DEFAULT_RESOLUTION = {"vit-b32": 224}
+BENCH_ONLY_MODELS = ("vit-b32",)  # shapes the benchmark builds itself, beside the registered backbones
 
 
 @dataclass

@@ -135,9 +135,10 @@ def bank(args: argparse.Namespace) -> None:
 
 
 def bench_step(args: argparse.Namespace) -> None:
+    from taskvec.bench import BENCH_ONLY_MODELS
     from taskvec.models import available_backbones
 
-    _known("--models", args.models, available_backbones())
+    _known("--models", args.models, available_backbones() + list(BENCH_ONLY_MODELS))
     for name in ("batch", "resolution", "steps", "rounds"):
         _positive(f"--{name}", getattr(args, name))
     for count in args.vectors:
