@@ -250,3 +250,30 @@ def test_text_demo_arguments_checked_against_the_text_tasks(tmp_path, capsys):
     assert main(["demo", "--suite", "text", "--target", "emoji_twitter", "--out", str(tmp_path / "o")]) == 2
     args = cli.build_parser().parse_args(["demo", "--suite", "text"])
     assert demo_out(args) == Path("runs/demo-text")
+
+
+def test_bank_built_by_two_worker_processes_equals_the_sequential_build(tiny, tmp_path):
+    """Workers only change where entries are made: same vectors, heads and scores as one process."""
+    one = make_suite(tiny, tmp_path / "one", tasks=("alpha", "beta"))
+    two = make_suite(tiny, tmp_path / "two", tasks=("alpha", "beta"))
+    assert two.worker_factory() is not None
+    one.build(workers=1)
+    two.build(workers=2)
+    for task in ("alpha", "beta"):
+        a, b = one.bank.vector(task), two.bank.vector(task)
+        assert a.names == b.names
+        for key in a.names:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+        meta_one, meta_two = one.bank.meta(task), two.bank.meta(task)
+        for key in ("head_test_acc", "finetuned_val_acc", "finetuned_test_acc", "steps"):
+            assert meta_one[key] == meta_two[key]
+    assert two.bank.has("alpha") and two.bank.has("beta")
+
+
+def test_parallel_build_refuses_what_cannot_reach_a_worker(tiny, tmp_path):
+    suite = make_suite(tiny, tmp_path / "bank", tasks=("alpha", "beta"), task_loader=lambda name, seed=0: None)
+    assert suite.worker_factory() is None
+    with pytest.raises(ValueError, match="worker process"):
+        suite.build(workers=2)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        suite.bank.build(["alpha"], workers=0)

@@ -234,16 +234,68 @@ class Bank:
 
     # -- building ------------------------------------------------------------------------------
 
-    def build(self, tasks: Sequence[str] = DEFAULT_TASKS, *, progress: bool = True, force: bool = False) -> list[dict]:
-        """Build every missing entry (all of them with ``force``); returns their metadata."""
+    def build(
+        self,
+        tasks: Sequence[str] = DEFAULT_TASKS,
+        *,
+        progress: bool = True,
+        force: bool = False,
+        workers: int = 1,
+        factory: Callable[[], Bank] | None = None,
+    ) -> list[dict]:
+        """Build every missing entry (all of them with ``force``); returns their metadata.
+
+        ``workers`` > 1 builds entries side by side in that many fresh processes, each with its share of
+        this process's threads (small models use two single-threaded processes better than one process
+        with two threads). ``factory`` is a picklable zero-argument callable that makes this same bank in
+        a worker. Each entry is made exactly as in a sequential build (its own seeds, its own directory
+        and manifest), so the vectors do not depend on ``workers``.
+        """
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1; got {workers}")
         todo = [task for task in tasks if force or not self.has(task)]
         for task in todo:
             problem = None if force else self.problem(task)
             if problem is not None and self.entry(task).is_dir() and any(self.entry(task).iterdir()):
                 print(f"bank: rebuilding '{task}': {problem}", file=sys.stderr)
-        for task in tqdm(todo, desc="bank", disable=not progress or not todo):
-            self.build_entry(task, progress=progress)
+        if workers > 1 and len(todo) > 1:
+            if factory is None:
+                raise ValueError("workers > 1 needs `factory`: a picklable callable that makes this bank in a worker")
+            self._build_parallel(todo, min(workers, len(todo)), factory, progress)
+        else:
+            for task in tqdm(todo, desc="bank", disable=not progress or not todo):
+                self.build_entry(task, progress=progress)
         return [self.meta(task) for task in tasks]
+
+    def _build_parallel(self, todo: list[str], workers: int, factory: Callable[[], Bank], progress: bool) -> None:
+        """Entries in ``workers`` spawned processes, the costliest first (so the last one to finish is short).
+
+        The entry maker's ``prepare(task)`` (when it has one) fetches what the entry needs here, once,
+        before any worker starts, and returns the entry's relative cost.
+        """
+        import multiprocessing
+        import pickle
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        try:
+            pickle.dumps(factory)
+        except Exception as error:
+            raise ValueError(f"bank factory {factory!r} cannot be sent to a worker process: {error}") from error
+        prepare = getattr(self.entries, "prepare", None)
+        costs = {task: float(prepare(task)) if prepare is not None else 0.0 for task in todo}
+        order = sorted(todo, key=lambda task: -costs[task])
+        threads = max(1, torch.get_num_threads() // workers)
+        context = multiprocessing.get_context("spawn")  # never fork a process whose thread pools have run
+        with ProcessPoolExecutor(workers, mp_context=context) as pool, \
+                tqdm(total=len(order), desc=f"bank ({workers} workers)", disable=not progress) as bar:
+            running = {pool.submit(_build_in_worker, factory, task, threads): task for task in order}
+            for future in as_completed(running):
+                try:
+                    future.result()
+                except Exception as error:
+                    raise RuntimeError(f"bank entry '{running[future]}' failed in its worker: {error}") from error
+                bar.set_postfix_str(running[future])
+                bar.update()
 
     def build_entry(self, task_name: str, *, progress: bool = True) -> dict:
         cfg = self.config
@@ -320,6 +372,12 @@ class Bank:
         write_manifest(directory, task=task_name, bank=self.config.key())
         (directory / "train_state.pt").unlink(missing_ok=True)
         return meta
+
+
+def _build_in_worker(factory: Callable[[], Bank], task: str, threads: int) -> dict:
+    """One entry in a worker process (see :meth:`Bank.build`)."""
+    torch.set_num_threads(threads)
+    return factory().build_entry(task, progress=False)
 
 
 class EntryMaker(Protocol):

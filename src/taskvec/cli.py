@@ -126,12 +126,15 @@ def _bank_build(args: argparse.Namespace) -> int:
 
     if args.suite == "text":
         suite = _text_suite(args)
-        suite.bank.build(args.tasks or suite.tasks, force=args.force)
+        suite.build(args.tasks or suite.tasks, workers=args.workers, force=args.force)
         print(f"bank: {suite.bank.root}")
         _print_table(_text_rows(args))
         return 0
+    from functools import partial
+
     bank = Bank(_bank_config(args), root=args.root)
-    bank.build(args.tasks or list(_vision_tasks()), force=args.force)
+    bank.build(args.tasks or list(_vision_tasks()), force=args.force, workers=args.workers or 1,
+               factory=partial(Bank, bank.config, bank.root))
     print(f"bank: {bank.root}")
     _print_table(bank.table())
     return 0
@@ -245,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     build = bank.add_parser("build", help="fit heads and fine-tune one task vector per task (cached, resumable)")
     _add_bank_options(build)
     build.add_argument("--force", action="store_true", help="rebuild entries that already exist")
+    build.add_argument("--workers", type=int, default=None,
+                       help="entries built side by side in this many processes, each with its share of --threads "
+                            "(default: text, one per thread; vision, 1). The vectors do not depend on it")
     build.set_defaults(run=_bank_build)
     listing = bank.add_parser("list", help="show the bank's entries and their accuracies")
     _add_bank_options(listing)

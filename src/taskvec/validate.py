@@ -132,6 +132,8 @@ def bank(args: argparse.Namespace) -> None:
     _positive("--seed", args.seed, allow_zero=True)
     if args.root is not None and getattr(args, "action", "") == "build":
         writable_dir("--root", args.root)
+    if getattr(args, "workers", None) is not None:
+        _positive("--workers", args.workers)
 
 
 def bench_step(args: argparse.Namespace) -> None:

@@ -137,6 +137,13 @@ class TextBankConfig(BankConfig):
         return f"{self.backbone} @ {self.resolution} tokens"
 
 
+def _text_bank(config: TextBankConfig, root: Path, tasks: tuple[str, ...], model_path: Path | None,
+               tokenizer: Any, task_loader: Callable[..., TextTask], eval_batch_size: int) -> Bank:
+    """The bank of a :class:`TextSuite` rebuilt in a worker process (see :meth:`TextSuite.worker_factory`)."""
+    return TextSuite(config=config, root=root, tasks=tasks, model_path=model_path, tokenizer=tokenizer,
+                     task_loader=task_loader, eval_batch_size=eval_batch_size, progress=False).bank
+
+
 class TextSuite:
     """Text tasks on one sentence encoder; zero-shot heads; a bank built on first use (cached, resumable).
 
@@ -183,8 +190,47 @@ class TextSuite:
         (and, with the target held out of the bank, no task vector either)."""
         return task.train
 
-    def build(self, tasks: Sequence[str] | None = None) -> None:
-        self.bank.build(tuple(tasks or self._tasks), progress=self.progress)
+    def build(self, tasks: Sequence[str] | None = None, *, workers: int | None = None, force: bool = False) -> None:
+        """Build the bank's missing entries. ``workers=None``: for the real text tasks (minutes per entry),
+        one single-threaded worker process per available thread; for other loaders (tests' tiny tasks,
+        where starting a process costs more than the entry) in this process."""
+        todo = [task for task in (tasks or self._tasks) if force or not self.bank.has(task)]
+        factory = self.worker_factory()
+        if workers is None:
+            real = self.task_loader is load_text_task and factory is not None
+            workers = min(torch.get_num_threads(), len(todo)) if real else 1
+        elif workers > 1 and factory is None:
+            raise ValueError(f"workers={workers}: this suite's tokenizer or task loader cannot be sent to a "
+                             "worker process (pickle failed); build with workers=1")
+        self.bank.build(tuple(tasks or self._tasks), progress=self.progress, force=force,
+                        workers=max(1, workers), factory=factory)
+
+    def worker_factory(self) -> Callable[[], Bank] | None:
+        """A picklable callable that makes this suite's bank in another process, or None if it cannot."""
+        import pickle
+        from functools import partial
+
+        factory = partial(_text_bank, self.config, self.bank.root, self._tasks, self._model_path, self._tokenizer,
+                          self.task_loader, self.eval_batch_size)
+        try:
+            pickle.dumps(factory)
+        except Exception:
+            return None
+        return factory
+
+    def prepare(self, task: str) -> float:
+        """Fetch the encoder and the task's data here (before workers start) and return the entry's relative
+        cost: characters read (each text capped at ~4 characters per token) over training and scoring."""
+        self._model_path = self.model_path
+        splits = self.splits(task)
+        cap = 4 * self.config.resolution
+
+        def characters(texts: Sequence[str]) -> float:
+            return float(sum(min(len(text), cap) for text in texts))
+
+        train = characters(splits.train.texts) / max(1, len(splits.train))
+        scored = characters(self.selection_split(splits).texts) + characters(splits.test.texts)
+        return 3 * train * self.config.min_steps * self.config.batch_size + 2 * scored
 
     def identity(self) -> dict[str, Any]:
         return {"suite": self.name, "bank": str(self.bank.root), "bank_config": asdict(self.config),
