@@ -277,3 +277,16 @@ def test_parallel_build_refuses_what_cannot_reach_a_worker(tiny, tmp_path):
         suite.build(workers=2)
     with pytest.raises(ValueError, match="workers must be >= 1"):
         suite.bank.build(["alpha"], workers=0)
+
+
+def test_prepare_ranks_entries_by_padded_tokens(tiny, tmp_path):
+    """The parallel build starts the costliest entry first; longer texts must cost more."""
+    def padded_task(name: str, seed: int = 0) -> TextTask:
+        task = fake_task("alpha", seed)
+        if name == "beta":  # the same task with every text three times as long
+            grow = lambda split: TextSet([" ".join([t] * 3) for t in split.texts], split.labels)  # noqa: E731
+            return TextTask("beta", task.classes, TEMPLATE, grow(task.train), grow(task.val), grow(task.test))
+        return task
+
+    suite = make_suite(tiny, tmp_path / "bank", tasks=("alpha", "beta"), task_loader=padded_task)
+    assert suite.prepare("beta") > 2 * suite.prepare("alpha") > 0
