@@ -99,3 +99,12 @@ def test_cli_is_generated_from_the_config_dataclass():
     assert config_from_args(_Config, parser.parse_args([])) == _Config()
     with pytest.raises(ValueError, match="shots=0"):  # validated before any work
         config_from_args(_Config, parser.parse_args(["--shots", "0"]))
+
+
+def test_markdown_table_keeps_a_column_only_later_rows_have():
+    from taskvec.report import markdown_table
+
+    table = markdown_table([{"method": "gradient", "N=1": "66.9"}, {"method": "whole bank", "all": "69.6"}])
+    header, _, first, second = table.splitlines()
+    assert header == "| method | N=1 | all |"
+    assert first == "| gradient | 66.9 |  |" and second == "| whole bank |  | 69.6 |"

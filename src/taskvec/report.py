@@ -13,10 +13,14 @@ from taskvec.io import write_json
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, *, digits: int = 4) -> str:
-    """A GitHub-flavoured markdown table; floats are printed with ``digits`` decimals."""
+    """A GitHub-flavoured markdown table; floats are printed with ``digits`` decimals.
+
+    Columns default to every key of every row, in order of first appearance: a key that only a later
+    row has (e.g. a whole-bank column) must not vanish from the table.
+    """
     if not rows:
         return "(no rows)"
-    columns = list(columns or rows[0].keys())
+    columns = list(columns or dict.fromkeys(key for row in rows for key in row))
 
     def cell(value: object) -> str:
         if isinstance(value, float):
