@@ -15,6 +15,7 @@ from taskvec.lora_train import (
     adapter_parameter_count,
     lora_target_modules,
     merged_delta,
+    resolve_targets,
     save_adapter,
     train_lora,
 )
@@ -56,6 +57,17 @@ def test_target_sets_on_vit_and_cnn():
         lora_target_modules(cnn, "attention")
     with pytest.raises(KeyError, match="nope"):
         lora_target_modules(cnn, ["nope"])
+
+
+def test_auto_targets_fit_the_architecture():
+    """`auto` (the recipes' default) is attention + MLP on a transformer and the 1x1 convolutions on a CNN."""
+    vit, cnn = _vit(), TinyCNN(seed=0)
+    assert resolve_targets(vit, "auto") == "both" and resolve_targets(cnn, "auto") == "conv1x1"
+    assert lora_target_modules(vit, "auto") == lora_target_modules(vit, "both")
+    assert lora_target_modules(cnn, "auto") == ["features.2.0"]
+    assert resolve_targets(cnn, "mlp") == "mlp"  # a named set is left as asked
+    with pytest.raises(ValueError, match="neither"):
+        resolve_targets(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), "auto")
 
 
 def _factor_delta(peft_model: nn.Module, module: str, shape: torch.Size, scale: float) -> torch.Tensor:

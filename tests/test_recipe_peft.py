@@ -56,9 +56,10 @@ def _check(suite, config: PeftConfig, result: dict) -> None:
 def test_peft_on_the_vision_bank(tmp_path_factory):
     bank = synthetic.built_bank(CONFIG, tmp_path_factory.mktemp("bank"), TASKS)
     suite = VisionSuite(bank, tasks=TASKS, progress=False)
-    config = _config(tmp_path_factory.mktemp("out"))
+    config = _config(tmp_path_factory.mktemp("out"), lora_targets="auto")  # the default: 1x1 convolutions on a CNN
     _check(suite, config, run_peft(config, suite=suite))
-    assert (config.out / "peft.png").is_file() and "atlas-x2" in (config.out / "peft.md").read_text()
+    table = (config.out / "peft.md").read_text()
+    assert (config.out / "peft.png").is_file() and "atlas-x2" in table and "LoRA on conv1x1" in table
 
 
 def test_peft_on_the_text_suite(tiny, tmp_path, monkeypatch):  # noqa: F811 (the imported fixture)

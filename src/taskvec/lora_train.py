@@ -34,7 +34,7 @@ from taskvec.vectors import fingerprint, parameter_blocks
 if TYPE_CHECKING:
     from peft import PeftModel
 
-TARGET_SETS = ("attention", "mlp", "both", "conv1x1")
+TARGET_SETS = ("auto", "attention", "mlp", "both", "conv1x1")
 _ATTENTION = re.compile(r"^(attn|attention|self_attn|self_attention|selfattention|cross_attn|mha)$", re.IGNORECASE)
 RECORD_FILE = "taskvec.json"
 
@@ -48,6 +48,21 @@ def _in_numbered_layer(name: str) -> bool:
     return any(part.isdigit() for part in name.split(".")[:-1])
 
 
+def resolve_targets(model: nn.Module, targets: str) -> str:
+    """``auto`` as the set that fits ``model``: ``both`` (attention + MLP) on a transformer, ``conv1x1``
+    on a CNN without such layers; any other set is returned unchanged."""
+    if targets != "auto":
+        return targets
+    for candidate in ("both", "conv1x1"):
+        try:
+            lora_target_modules(model, candidate)
+        except ValueError:
+            continue
+        return candidate
+    raise ValueError(f"LoRA targets 'auto': {type(model).__name__} has neither attention/MLP linear layers nor "
+                     "1x1 convolutions; pass the module names explicitly")
+
+
 def lora_target_modules(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     """Names of the modules that get adapters (see the module docstring for the target sets)."""
     modules = dict(model.named_modules())
@@ -59,6 +74,7 @@ def lora_target_modules(model: nn.Module, targets: str | Sequence[str]) -> list[
         return names
     if targets not in TARGET_SETS:
         raise ValueError(f"LoRA targets {targets!r}: use one of {TARGET_SETS} or a list of module names")
+    targets = resolve_targets(model, targets)
     chosen = []
     for name, module in modules.items():
         if targets == "conv1x1":

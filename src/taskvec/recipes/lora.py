@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from taskvec.experiment import (
@@ -33,7 +33,15 @@ from taskvec.experiment import (
 )
 from taskvec.heldout import HeldOutSetup, HeldOutTarget
 from taskvec.hf.adapters import load_adapter
-from taskvec.lora_train import RECORD_FILE, TARGET_SETS, LoraSpec, lora_target_modules, save_adapter, train_lora
+from taskvec.lora_train import (
+    RECORD_FILE,
+    TARGET_SETS,
+    LoraSpec,
+    lora_target_modules,
+    resolve_targets,
+    save_adapter,
+    train_lora,
+)
 from taskvec.objectives import cross_entropy
 from taskvec.report import publish
 from taskvec.selection import vector_nbytes
@@ -46,8 +54,9 @@ from taskvec.workflow import DEFAULT_RESULTS, learn_atlas
 @dataclass
 class LoraConfig(HeldOutSetup):
     ranks: tuple[int, ...] = field(default=(4, 16), metadata={"help": "LoRA ranks (paper: 4 16 64)"})
-    modules: tuple[str, ...] = field(default=("both",), metadata={
-        "help": "modules adapted (attention/mlp/both on transformers, conv1x1 on CNNs)", "choices": TARGET_SETS})
+    modules: tuple[str, ...] = field(default=("auto",), metadata={
+        "help": "modules adapted (attention/mlp/both on transformers, conv1x1 on CNNs; auto: both or conv1x1)",
+        "choices": TARGET_SETS})
     dense: bool = field(default=True, metadata={"help": "also the dense bank, whole and restricted to the targets"})
     lora_epochs: int = field(default=1, metadata={"help": "LoRA fine-tuning epochs per source task"})
     lora_steps: int = field(default=60, metadata={"help": "LoRA fine-tuning batches per epoch at least"})
@@ -124,6 +133,7 @@ def run_lora(config: LoraConfig | None = None, *, suite=None) -> dict:
     suite = suite or make_suite("vision", progress=config.progress)
     started = time.perf_counter()
     ctx = HeldOutTarget(suite, config.target)
+    config = replace(config, modules=tuple(dict.fromkeys(resolve_targets(ctx.base, t) for t in config.modules)))
     banks = (["dense", *(f"dense-{t}" for t in config.modules)] if config.dense else []) + list(config.specs())
     settings = {**config.numbers(), "lora": config.training(), "held_out": ctx.identity()}
     store = RecordStore(config.out / "lora_records.jsonl", fingerprint(settings), config.resume)

@@ -17,7 +17,7 @@ import argparse
 import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from taskvec.experiment import (
     run_grid,
 )
 from taskvec.heldout import HeldOutSetup, HeldOutTarget
-from taskvec.lora_train import TARGET_SETS, LoraSpec, rank_for_budget, train_lora
+from taskvec.lora_train import TARGET_SETS, LoraSpec, rank_for_budget, resolve_targets, train_lora
 from taskvec.objectives import cross_entropy
 from taskvec.report import plot_lines, publish
 from taskvec.suites import make_suite
@@ -52,7 +52,9 @@ class PeftConfig(HeldOutSetup):
         "help": "fractions of the target's data pool (paper: 0.01 0.05 0.1 0.25 0.5 1)"})
     ks: tuple[int, ...] = field(default=(1, 4), metadata={"help": "aTLAS x K: parts per block"})
     lora: bool = field(default=True, metadata={"help": "LoRA with its rank matched to the largest K"})
-    lora_targets: str = field(default="both", metadata={"help": "modules LoRA adapts", "choices": TARGET_SETS})
+    lora_targets: str = field(default="auto", metadata={
+        "help": "modules LoRA adapts (auto: attention + MLP on transformers, 1x1 convolutions on CNNs)",
+        "choices": TARGET_SETS})
     lora_lr: float = field(default=1e-3, metadata={"help": "LoRA learning rate"})
     finetune: bool = field(default=True, metadata={"help": "full fine-tuning (the ceiling)"})
     finetune_lr: float = field(default=1e-4, metadata={"help": "full fine-tuning learning rate"})
@@ -125,6 +127,7 @@ def run_peft(config: PeftConfig | None = None, *, suite=None) -> dict:
     suite = suite or make_suite("vision", progress=config.progress)
     started = time.perf_counter()
     ctx = HeldOutTarget(suite, config.target)
+    config = replace(config, lora_targets=resolve_targets(ctx.base, config.lora_targets))
     registry = methods(ctx, config)
     settings = {**config.numbers(), "lora": [config.lora_targets, config.lora_lr], "finetune_lr": config.finetune_lr,
                 "held_out": ctx.identity()}
