@@ -194,16 +194,14 @@ class TextSuite:
         """Build the bank's missing entries. ``workers=None``: for the real text tasks (minutes per entry),
         one single-threaded worker process per available thread; for other loaders (tests' tiny tasks,
         where starting a process costs more than the entry) in this process."""
-        todo = [task for task in (tasks or self._tasks) if force or not self.bank.has(task)]
         factory = self.worker_factory()
-        if workers is None:
-            real = self.task_loader is load_text_task and factory is not None
-            workers = min(torch.get_num_threads(), len(todo)) if real else 1
+        if workers is None:  # the bank caps it at the number of entries left to build
+            workers = torch.get_num_threads() if self.task_loader is load_text_task and factory is not None else 1
         elif workers > 1 and factory is None:
             raise ValueError(f"workers={workers}: this suite's tokenizer or task loader cannot be sent to a "
                              "worker process (pickle failed); build with workers=1")
         self.bank.build(tuple(tasks or self._tasks), progress=self.progress, force=force,
-                        workers=max(1, workers), factory=factory)
+                        workers=workers, factory=factory)
 
     def worker_factory(self) -> Callable[[], Bank] | None:
         """A picklable callable that makes this suite's bank in another process, or None if it cannot."""
