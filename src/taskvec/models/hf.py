@@ -30,6 +30,7 @@ from taskvec.heads import LinearHead
 from taskvec.io import CheckpointError, PathLike, read_safetensors_metadata
 
 from .registry import BackboneSpec, register_backbone
+from .unpadded import supports_unpadded, unpadded_allowed, unpadded_mean_pool
 from .vit import CLIP_MEAN, CLIP_STD
 
 __all__ = [
@@ -135,10 +136,12 @@ class HFTextEncoder(nn.Module):
     """An ``AutoModel`` encoder as a sentence embedder: masked mean of the last hidden states, L2 norm.
 
     The inner model's submodules are registered under their own names, so parameter names equal the
-    checkpoint's and task vectors made from encoder directories apply directly.
+    checkpoint's and task vectors made from encoder directories apply directly. For a BERT encoder with
+    SDPA attention, padded batches run on their real tokens only (:mod:`taskvec.models.unpadded`; same
+    outputs and gradients to float rounding); ``unpadded=False`` always runs the stock forward.
     """
 
-    def __init__(self, model: Any, max_length: int = TEXT_MAX_LENGTH) -> None:  # a transformers PreTrainedModel
+    def __init__(self, model: Any, max_length: int = TEXT_MAX_LENGTH, *, unpadded: bool = True) -> None:
         super().__init__()
         direct = [name for name, _ in model.named_parameters(recurse=False)]
         if direct:
@@ -148,10 +151,21 @@ class HFTextEncoder(nn.Module):
         self.__dict__["_inner"] = model  # not registered: its children above are the same objects
         self.feature_dim = int(model.config.hidden_size)
         self.default_resolution = max_length
+        self.unpadded = unpadded
+
+    def _runs_unpadded(self, input_ids: Tensor, attention_mask: Tensor, kwargs: dict) -> bool:
+        """Whether this batch takes the unpadded path: BERT + SDPA, no extra outputs asked for, not under
+        vmap (data-dependent shapes), not inside ``batch_first_activations``, and some padding to skip."""
+        batched = torch._C._functorch.is_batchedtensor
+        return (self.unpadded and unpadded_allowed() and not kwargs
+                and not batched(input_ids) and not batched(attention_mask)
+                and supports_unpadded(self.__dict__["_inner"]) and not bool(attention_mask.all()))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self._runs_unpadded(input_ids, attention_mask, kwargs):
+            return F.normalize(unpadded_mean_pool(self.__dict__["_inner"], input_ids, attention_mask), dim=-1)
         inner_mask = attention_mask
         if torch._C._functorch.is_batchedtensor(attention_mask):
             # Under vmap (per-sample composition) transformers' mask builder branches on the mask's values,

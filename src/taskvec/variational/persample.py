@@ -26,6 +26,7 @@ from torch.func import vmap
 from torch.utils._pytree import tree_map
 
 from taskvec.compose import Composer
+from taskvec.models.unpadded import batch_first_activations
 
 
 class UnsupportedModuleError(TypeError):
@@ -347,7 +348,8 @@ class LinearRunner:
             if prefix in plan
         ]
         try:
-            out = composer.base(x, *args, **kwargs)
+            with batch_first_activations():  # the hooks index activations by sample
+                out = composer.base(x, *args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
