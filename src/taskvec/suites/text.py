@@ -218,9 +218,8 @@ class TextSuite:
 
     def prepare(self, task: str) -> float:
         """Fetch the encoder and the task's data here (before workers start) and return the entry's relative
-        cost in padded tokens through the encoder. A random training batch is padded to its longest text
-        (about the 97th percentile of lengths for 32 texts) and counts three times (forward and backward);
-        scoring batches are sorted by length, so they cost about their own tokens."""
+        cost in tokens through the encoder. The encoder skips padding (:mod:`taskvec.models.unpadded`), so a
+        training text costs its own tokens, three times (forward and backward); scoring costs its tokens."""
         self._model_path = self.model_path
         splits = self.splits(task)
 
@@ -228,9 +227,9 @@ class TextSuite:
             tok = TokenizedTexts(texts, None, self.tokenizer, self.config.resolution)
             return torch.tensor([len(ids) for ids in tok.ids], dtype=torch.float32)
 
-        padded = float(torch.quantile(lengths(splits.train.texts), 0.97))
+        trained = float(lengths(splits.train.texts).mean())
         scored = float(lengths(self.selection_split(splits).texts).sum() + lengths(splits.test.texts).sum())
-        return 3 * padded * self.config.min_steps * self.config.batch_size + 2 * scored
+        return 3 * trained * self.config.min_steps * self.config.batch_size + 2 * scored
 
     def identity(self) -> dict[str, Any]:
         return {"suite": self.name, "bank": str(self.bank.root), "bank_config": asdict(self.config),
