@@ -49,6 +49,7 @@ def test_sparse_linear_runner_equals_vmap_and_oracle(base, bank, images, kept):
         got = sparse(images, coefficients)
         assert torch.allclose(got, expected, atol=1e-5)
         assert torch.allclose(dense(images, coefficients), expected, atol=1e-5)
+        assert torch.allclose(LinearRunner(composer, sparse="grouped")(images, coefficients), expected, atol=1e-5)
         assert torch.allclose(VmapRunner(composer, 2)(images, coefficients), expected, atol=1e-5)
 
 
@@ -60,6 +61,7 @@ def test_sparse_runner_on_tiny_vit_linear_layers():
     with torch.no_grad():
         expected = VmapRunner(composer, None)(x, coefficients)
         assert torch.allclose(LinearRunner(composer, sparse=True)(x, coefficients), expected, atol=1e-5)
+        assert torch.allclose(LinearRunner(composer, sparse="grouped")(x, coefficients), expected, atol=1e-5)
 
 
 def test_auto_runner_uses_sparse_hooks_without_grad_and_vmap_with_grad(base, bank, images, monkeypatch):
@@ -98,3 +100,25 @@ def test_variational_auto_predictions_equal_vmap(base, bank, images):
         a, b = models["vmap"](images), models["auto"](images)
     assert torch.allclose(a, b, atol=1e-5)
     assert torch.equal(a.argmax(1), b.argmax(1))
+
+
+def test_sparse_runners_with_batchnorm_statistics_in_and_out_of_place(base, bank, images):
+    """The in-place inference path folds a BatchNorm correction into one multiply-add on the input, using the
+    running mean and variance: non-trivial statistics make that fold visible; with autograd the
+    correction is added out of place, and both equal the hand-written per-sample oracle."""
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        base.bn.running_mean.copy_(torch.randn(8, generator=generator))
+        base.bn.running_var.copy_(torch.rand(8, generator=generator) + 0.5)
+    composer = Composer(base, bank, "block")
+    coefficients = _gated(images.shape[0], len(bank), composer.layout.num_columns, 0.3, seed=12)
+    expected = _per_sample_oracle(composer, bank, images, coefficients)
+    for sparse in (True, "grouped", False):
+        runner = LinearRunner(composer, sparse=sparse)
+        with torch.no_grad():
+            assert torch.allclose(runner(images, coefficients), expected, atol=1e-5), sparse
+        leaf = coefficients.clone().requires_grad_(True)
+        out = runner(images, leaf)
+        assert torch.allclose(out.detach(), expected, atol=1e-5), sparse
+        out.square().sum().backward()
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all()

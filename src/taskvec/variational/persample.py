@@ -85,8 +85,16 @@ class VmapRunner:
 class _Basis:
     """Non-zero basis tensors of one block and the flat coefficient index (i * C + column) of each."""
 
-    tensors: Tensor  # (m, *block shape)
+    tensors: Tensor  # (m, *block shape), contiguous: tensors[j] is one component, ready for a product
     index: Tensor  # (m,) long
+    joined: Tensor | None = None  # Linear / Conv weights as (out, m * in, *kernel), made on first dense use
+
+    def fused(self) -> Tensor:
+        """Linear / Conv weight components side by side along the input dim: one product for all m (cached)."""
+        if self.joined is None:
+            stack = self.tensors
+            self.joined = stack.transpose(0, 1).reshape(stack.shape[1], -1, *stack.shape[3:]).contiguous()
+        return self.joined
 
 
 _SUPPORTED: tuple[type[nn.Module], ...] = (
@@ -128,6 +136,12 @@ def _lead(batch: int, tensor: Tensor, trailing: int) -> tuple[int, ...]:
     return (batch,) + (1,) * (tensor.dim() - 1 - trailing)
 
 
+def _pointwise(module: nn.Module) -> bool:
+    """A 1x1 convolution with stride 1, no padding, one group: a matrix product over channels."""
+    return (module.groups == 1 and all(k == 1 for k in module.kernel_size) and all(v == 1 for v in module.stride)
+            and not isinstance(module.padding, str) and all(p == 0 for p in module.padding))
+
+
 class LinearRunner:
     """Per-sample composition by linearity: forward hooks add ``sum_j c_sj (T_j x)`` to each module.
 
@@ -138,7 +152,7 @@ class LinearRunner:
 
     SPARSE_FROM = 0.5  # fraction of zero coefficients from which the sparse corrections are used
 
-    def __init__(self, composer: Composer, sparse: bool = True) -> None:
+    def __init__(self, composer: Composer, sparse: bool | str = True) -> None:
         self.sparse = sparse
         if composer.linearized:
             raise UnsupportedModuleError(
@@ -186,7 +200,7 @@ class LinearRunner:
         composer = self.composer
         n, columns = composer.num_vectors, composer.layout.num_columns
         plan: dict[str, dict[str, _Basis]] = {}
-        for prefix, (_module, kind, attrs) in self.modules.items():
+        for prefix, (_module, _kind, attrs) in self.modules.items():
             for attr in attrs:
                 block = f"{prefix}.{attr}" if prefix else attr
                 tensors, index = [], []
@@ -199,10 +213,7 @@ class LinearRunner:
                             tensors.append(delta.to(dtype))
                             index.append(i * columns + column)
                 if tensors:
-                    stack = torch.stack(tensors)
-                    if attr == "weight" and kind in ("linear", "conv"):
-                        stack = stack.transpose(0, 1).reshape(stack.shape[1], -1, *stack.shape[3:]).contiguous()
-                    plan.setdefault(prefix, {})[attr] = _Basis(stack, torch.tensor(index, device=device))
+                    plan.setdefault(prefix, {})[attr] = _Basis(torch.stack(tensors), torch.tensor(index, device=device))
         return plan
 
     def basis(self) -> dict[str, dict[str, _Basis]]:
@@ -216,30 +227,66 @@ class LinearRunner:
     # -- the corrections -----------------------------------------------------------------------
 
     @staticmethod
-    def _sparse_weight(module: nn.Module, kind: str, x: Tensor, weight: _Basis, c: Tensor) -> Tensor | None:
-        """sum_j c_sj (T_j x_s) computed only for the (sample, basis) pairs with c_sj != 0.
+    def _sparse_weight(
+        module: nn.Module, kind: str, x: Tensor, weight: _Basis, c: Tensor, into: Tensor | None = None
+    ) -> Tensor | None:
+        """sum_j c_sj (T_j x_s) computed only for the (sample, basis) pairs with c_sj != 0, added to ``into``
+        in place when given (inference: no new activation-sized tensor), else to a new tensor.
 
         Why: a gated posterior keeps ~10% of the components per sample, so most of the dense runner's
         products multiply by zero. Each basis tensor runs once on the sub-batch that uses it.
         """
-        m = c.shape[1]
         used = c != 0
-        total: Tensor | None = None
-        if kind == "linear":
-            bases = weight.tensors.view(weight.tensors.shape[0], m, -1)
-        else:
-            per_group = x.shape[1] // module.groups
-            bases = weight.tensors.view(weight.tensors.shape[0], m, per_group, *weight.tensors.shape[2:])
+        total = into
         for j in torch.nonzero(used.any(0)).flatten().tolist():
             rows = torch.nonzero(used[:, j]).flatten()
             sub = x.index_select(0, rows)
-            basis = bases[:, j]
+            basis = weight.tensors[j]
             product = F.linear(sub, basis) if kind == "linear" else module._conv_forward(sub, basis, None)
-            scale = c.index_select(0, rows)[:, j].view(-1, *(1,) * (product.dim() - 1))
+            product.mul_(c.index_select(0, rows)[:, j].view(-1, *(1,) * (product.dim() - 1)))
             if total is None:
                 total = torch.zeros((x.shape[0], *product.shape[1:]), dtype=product.dtype, device=product.device)
-            total.index_add_(0, rows, product * scale)
+            total.index_add_(0, rows, product)
         return total
+
+    @staticmethod
+    def _grouped_weight(module: nn.Module, kind: str, x: Tensor, weight: _Basis, c: Tensor) -> Tensor | None:
+        """sum_j c_sj (T_j x_s) as one product with per-sample weight deltas D_s = sum_j c_sj T_j, made only
+        for the samples that keep some component of this module.
+
+        Why: the per-component sparse path runs one small product per kept (component, module) pair, and on
+        CPU their call overhead, not their arithmetic, sets the cost. Here each module costs one
+        ``(s, m) @ (m, numel)`` product and one batched product (bmm, or a conv grouped by sample).
+        """
+        rows = torch.nonzero((c != 0).any(1)).flatten()
+        count = rows.numel()
+        if count == 0:
+            return None
+        deltas = c.index_select(0, rows) @ weight.tensors.view(weight.tensors.shape[0], -1)  # (s, numel)
+        sub = x.index_select(0, rows) if count < x.shape[0] else x
+        if kind == "linear":
+            outputs = module.out_features
+            product = torch.bmm(sub.reshape(count, -1, sub.shape[-1]), deltas.view(count, outputs, -1).transpose(1, 2))
+            product = product.view(*sub.shape[:-1], outputs)
+        else:
+            outputs, kernel = module.out_channels, module.kernel_size
+            if _pointwise(module):
+                product = torch.bmm(deltas.view(count, outputs, -1), sub.reshape(count, sub.shape[1], -1))
+                product = product.view(count, outputs, *sub.shape[2:])
+            else:
+                padding = module.padding
+                if module.padding_mode != "zeros":
+                    sub = F.pad(sub, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+                    padding = 0
+                conv = (F.conv1d, F.conv2d, F.conv3d)[sub.dim() - 3]
+                stacked = deltas.view(count * outputs, -1, *kernel)
+                product = conv(sub.reshape(1, -1, *sub.shape[2:]), stacked, None, module.stride, padding,
+                               module.dilation, count * module.groups)
+                product = product.view(count, outputs, *product.shape[2:])
+        if count == x.shape[0]:
+            return product
+        total = product.new_zeros((x.shape[0], *product.shape[1:]))
+        return total.index_add_(0, rows, product)
 
     @staticmethod
     def _embedding_correction(ids: Tensor, weight: _Basis, flat: Tensor) -> Tensor:
@@ -257,8 +304,39 @@ class LinearRunner:
         return total
 
     @staticmethod
+    def _corrected(
+        module: nn.Module, kind: str, x: Tensor, output: Tensor, plan: dict[str, _Basis], flat: Tensor,
+        sparse: bool | str = False,
+    ) -> Tensor:
+        """The module's output plus its per-sample correction. Without autograd the correction is added to
+        the output in place, and a BatchNorm's is one multiply-add on its input (inference, the gated case:
+        per-module temporaries, not per-module copies of the activations, set the cost on CPU)."""
+        batch = flat.shape[0]
+        if torch.is_grad_enabled() or kind == "embedding" or x.shape[0] != batch:
+            return output + LinearRunner._correction(module, kind, x, plan, flat, sparse)
+        weight, bias = plan.get("weight"), plan.get("bias")
+        if kind == "batch_norm":
+            # normalised(x) * a_s + b_s is affine in x: x * (a_s / std) + (b_s - mean * a_s / std)
+            shape = (batch, -1, *(1,) * (x.dim() - 2))
+            offset = torch.zeros((), dtype=x.dtype, device=x.device)
+            if weight is not None:
+                scale = (flat[:, weight.index].to(x.dtype) @ weight.tensors.flatten(1))
+                scale = scale * torch.rsqrt(module.running_var + module.eps).to(x.dtype)
+                output.addcmul_(x, scale.view(shape))
+                offset = -scale * module.running_mean.to(x.dtype)
+            if bias is not None:
+                offset = offset + flat[:, bias.index].to(x.dtype) @ bias.tensors.flatten(1)
+            return output.add_(offset.view(shape)) if offset.dim() else output
+        if sparse is True and weight is not None and kind in ("linear", "conv"):
+            LinearRunner._sparse_weight(module, kind, x, weight, flat[:, weight.index].to(x.dtype), into=output)
+            plan = {"bias": bias} if bias is not None else {}
+            if not plan:
+                return output
+        return output.add_(LinearRunner._correction(module, kind, x, plan, flat, sparse))
+
+    @staticmethod
     def _correction(
-        module: nn.Module, kind: str, x: Tensor, plan: dict[str, _Basis], flat: Tensor, sparse: bool = False
+        module: nn.Module, kind: str, x: Tensor, plan: dict[str, _Basis], flat: Tensor, sparse: bool | str = False
     ) -> Tensor:
         batch = flat.shape[0]
         if kind == "embedding":
@@ -272,7 +350,10 @@ class LinearRunner:
         total: Tensor | None = None
         if sparse and weight is not None and kind in ("linear", "conv"):
             c = flat[:, weight.index].to(x.dtype)
-            correction = LinearRunner._sparse_weight(module, kind, x, weight, c)
+            if sparse == "grouped":
+                correction = LinearRunner._grouped_weight(module, kind, x, weight, c)
+            else:
+                correction = LinearRunner._sparse_weight(module, kind, x, weight, c)
             if bias is not None:
                 spatial = x.dim() - 2 if kind == "conv" else 0
                 lead = (batch, -1, *(1,) * spatial) if kind == "conv" else (*_lead(batch, x, 1), -1)
@@ -286,7 +367,7 @@ class LinearRunner:
                 c = flat[:, weight.index].to(x.dtype)
                 m = c.shape[1]
                 scaled = x.unsqueeze(-2) * c.view(*_lead(batch, x, 1), m, 1)
-                total = F.linear(scaled.flatten(-2), weight.tensors)
+                total = F.linear(scaled.flatten(-2), weight.fused())
             if bias is not None:
                 shift = (flat[:, bias.index].to(x.dtype) @ bias.tensors).view(*_lead(batch, x, 1), -1)
                 total = shift if total is None else total + shift
@@ -299,7 +380,7 @@ class LinearRunner:
                 scaled = x.view(batch, groups, 1, per_group, *x.shape[2:]) * c.view(
                     batch, 1, m, 1, *(1,) * spatial
                 )
-                total = module._conv_forward(scaled.reshape(batch, -1, *x.shape[2:]), weight.tensors, None)
+                total = module._conv_forward(scaled.reshape(batch, -1, *x.shape[2:]), weight.fused(), None)
             if bias is not None:
                 shift = (flat[:, bias.index].to(x.dtype) @ bias.tensors).view(batch, -1, *(1,) * spatial)
                 total = shift if total is None else total + shift
@@ -333,12 +414,12 @@ class LinearRunner:
         flat = coefficients.reshape(coefficients.shape[0], -1)
         fired: set[str] = set()
         # Skipping zero coefficients pays when most are zero (a gated posterior); a relaxed sample has none.
-        sparse = self.sparse and float((flat == 0).float().mean()) >= self.SPARSE_FROM
+        sparse = self.sparse if self.sparse and float((flat == 0).float().mean()) >= self.SPARSE_FROM else False
 
         def hook_for(prefix: str, module: nn.Module, kind: str) -> Callable:
             def hook(mod: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
                 fired.add(prefix)
-                return output + self._correction(mod, kind, inputs[0], plan[prefix], flat, sparse)
+                return self._corrected(mod, kind, inputs[0], output, plan[prefix], flat, sparse)
 
             return hook
 
