@@ -115,8 +115,9 @@ def load_backbone(path: Path | str, *, pretrained: bool = True, seed: int = 0,
 class TextBankConfig(BankConfig):
     """The text bank: whole-encoder fine-tuning for ``min_steps`` steps (one epoch of that many batches).
 
-    Defaults follow the ASSETS prototype (60 steps of 32 texts lifted four tasks by 12-24 points) and keep
-    a seven-task build within 12 minutes on 2 cores. ``val_cap`` bounds the validation texts scored.
+    Defaults follow the ASSETS prototype (60 steps of 32 texts lifted four tasks by 12-24 points); a
+    seven-task build takes ~10 minutes on 2 cores (results/text_bank.md). ``val_cap`` bounds the
+    validation texts scored.
     """
 
     backbone: str = "hf-encoder"
