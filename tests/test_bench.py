@@ -63,3 +63,23 @@ def test_cli_accepts_the_vit_b32_shape_and_names_unknown_models(monkeypatch, cap
     assert seen["models"] == ["vit-b32", "tiny_cnn"]
     assert cli.main(["bench", "step", "--models", "vit-b99"]) != 0
     assert "vit-b99" in capsys.readouterr().err
+
+
+def test_paired_ratio_is_the_median_of_same_round_ratios(monkeypatch):
+    """Round speeds drift: the fine-tune step is 100, 200, 100 ms and the compose step 110, 220, 300 ms.
+    Fastest-round ratio: 110 / 100 = 1.10; paired: median(1.10, 1.10, 3.00) = 1.10, range 1.10-3.00."""
+    rounds = {"finetune": iter([100.0, 200.0, 100.0]), "compose": iter([110.0, 220.0, 300.0])}
+
+    def fake(case):
+        return {"model": case.model, "mode": case.mode, "vectors": case.vectors, "storage": case.storage,
+                "step_ms": next(rounds[case.mode]), "base_mib": 1.0, "vectors_mib": 1.0,
+                "bandwidth_gbs": 1.0 if case.mode == "finetune" else float("nan"),
+                "rss_start_mib": 1.0, "rss_built_mib": 1.0, "rss_peak_mib": 2.0, "gpu_peak_mib": float("nan")}
+
+    monkeypatch.setattr(bench, "run_isolated", fake)
+    monkeypatch.setattr(bench, "_subprocess", lambda function, case: "")
+    _finetune, compose = bench.step_table(["m"], [4], storage="fp32", rounds=3, progress=False)
+    assert compose["ratio"] == pytest.approx(1.10)
+    assert compose["paired_ratio"] == pytest.approx(1.10)
+    assert (compose["paired_min"], compose["paired_max"]) == (pytest.approx(1.10), pytest.approx(3.00))
+    assert "1.100 (1.10-3.00)" in format_step_table([_finetune, compose])

@@ -236,7 +236,9 @@ def step_table(
 
     Every case runs once per round, rounds interleaved (so slow spells of the machine hit all cases
     alike); a case's time is its fastest round's median and its memory its largest peak. Banks are
-    written once (to ``bank_dir``, a temporary folder by default) before any timing.
+    written once (to ``bank_dir``, a temporary folder by default) before any timing. ``paired_ratio``
+    is the median over rounds of (this case / the fine-tuning case of the same round), with its range:
+    on a machine whose speed drifts between rounds this is steadier than the ratio of two fastest rounds.
     Each compose row carries the memory-traffic floor: the fine-tuning step plus reading the bank
     twice (compose forward, contract backward) at the bandwidth of a large copy, 2 n P bytes."""
     from tqdm.auto import tqdm
@@ -271,6 +273,7 @@ def step_table(
                     bar.update()
     rows = []
     reference: dict[str, dict] = {}
+    reference_runs: dict[str, list[dict]] = {}
     for case, case_runs in zip(cases, runs, strict=True):
         row = dict(min(case_runs, key=lambda r: r["step_ms"]))
         row["rss_peak_mib"] = max(r["rss_peak_mib"] for r in case_runs)
@@ -279,8 +282,13 @@ def step_table(
         row["rounds"] = len(case_runs)
         if case.mode == "finetune":
             reference[case.model] = row
+            reference_runs[case.model] = case_runs
         ref = reference[case.model]
         row["ratio"] = row["step_ms"] / ref["step_ms"]
+        paired = [run["step_ms"] / same["step_ms"] for run, same in zip(case_runs, reference_runs[case.model],
+                                                                          strict=True)]
+        row["paired_ratio"] = statistics.median(paired)
+        row["paired_min"], row["paired_max"] = min(paired), max(paired)
         traffic_ms = 1000 * 2 * row["vectors_mib"] * 2**20 / (ref["bandwidth_gbs"] * 1e9)
         row["floor_ms"] = ref["step_ms"] + traffic_ms
         row["floor_ratio"] = row["floor_ms"] / ref["step_ms"]
@@ -298,16 +306,17 @@ def format_step_table(rows: list[dict]) -> str:
     nan = float("nan")
     gpu = any(str(r.get("device", "cpu")).startswith("cuda") for r in rows)
     header = (
-        "| model | mode | n | storage | step ms | ratio vs fine-tune | floor ratio | step / floor | "
-        "params MiB | vectors MiB | (base+bank)x1.15 MiB | peak RSS above start MiB |"
+        "| model | mode | n | storage | step ms | ratio vs fine-tune | paired ratio (range) | floor ratio "
+        "| step / floor | params MiB | vectors MiB | (base+bank)x1.15 MiB | peak RSS above start MiB |"
         + (" GPU peak MiB |" if gpu else "")
     )
-    lines = [header, "|" + "---|" * (13 if gpu else 12)]
+    lines = [header, "|" + "---|" * (14 if gpu else 13)]
     for r in rows:
         compose = r["mode"] == "compose"
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['vectors'] or ''} | {r['storage'] if compose else ''} "
-            f"| {r['step_ms']:.1f} | {r['ratio']:.3f} | {r.get('floor_ratio', nan):.3f} | {r.get('vs_floor', nan):.3f} "
+            f"| {r['step_ms']:.1f} | {r['ratio']:.3f} | {_paired(r)} "
+            f"| {r.get('floor_ratio', nan):.3f} | {r.get('vs_floor', nan):.3f} "
             f"| {r['base_mib']:.1f} | {r['vectors_mib']:.1f} | {r['budget_mib']:.1f} "
             f"| {r['peak_above_start_mib']:.1f} |"
             .replace("| nan |", "|  |")
@@ -317,6 +326,13 @@ def format_step_table(rows: list[dict]) -> str:
     lines.append("")
     lines.append(
         f"Floor = fine-tuning step + 2 x bank bytes / {bandwidth:.1f} GB/s (large-copy bandwidth, read + write, "
-        "measured in the fine-tuning case's process)."
+        "measured in the fine-tuning case's process). Paired ratio = median over rounds of the case's step / the "
+        "fine-tuning step of the same round (min-max in brackets)."
     )
     return "\n".join(lines)
+
+
+def _paired(row: dict) -> str:
+    if "paired_ratio" not in row or row["mode"] != "compose":
+        return ""
+    return f"{row['paired_ratio']:.3f} ({row['paired_min']:.2f}-{row['paired_max']:.2f})"
