@@ -91,7 +91,7 @@ def unpadded_mean_pool(model: Any, input_ids: Tensor, attention_mask: Tensor) ->
             _to_heads(attention.query(hidden), keep, heads), _to_heads(attention.key(hidden), keep, heads),
             _to_heads(attention.value(hidden), keep, heads),
             attn_mask=key_mask, dropout_p=attention.dropout.p if attention.training else 0.0,
-            scale=attention.scaling,
+            scale=getattr(attention, "scaling", attention.attention_head_size ** -0.5),
         )
         context = context.transpose(1, 2).reshape(batch * length, -1)[keep]
         attended = layer.attention.output(context, hidden)
