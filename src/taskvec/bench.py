@@ -46,6 +46,7 @@ class StepCase:
     threads: int = 2
     device: str = "cpu"
     autocast: bool = False  # bf16 autocast of the network (CUDA runs)
+    recompute: bool = False  # Composer(recompute=True): module-by-module composition, no whole composed copy
     bank_dir: str = ""  # where prepare_bank wrote the vectors; compose cases load them from there
 
 
@@ -150,7 +151,8 @@ def run_case(case: StepCase) -> dict[str, float | str | int]:
         if not case.bank_dir:  # called directly (tests): write the bank here, memory figures then include it
             case = replace(case, bank_dir=tempfile.mkdtemp(prefix="taskvec-bench-"))
             prepare_bank(case)
-        model = Composer.from_files(backbone, bank_paths(case), case.granularity, init=0.3, check_base=False)
+        model = Composer.from_files(backbone, bank_paths(case), case.granularity, init=0.3, check_base=False,
+                                    recompute=case.recompute)
         model = model.to(case.device)
         optimizer = torch.optim.AdamW([model.coefficients], lr=1e-2)
     head, x, y = head.to(case.device), x.to(case.device), y.to(case.device)
@@ -186,7 +188,7 @@ def run_case(case: StepCase) -> dict[str, float | str | int]:
         "model": case.model,
         "mode": case.mode,
         "vectors": case.vectors,
-        "storage": case.storage,
+        "storage": case.storage + (", recompute" if case.recompute else ""),
         "device": case.device,
         "step_ms": 1000 * statistics.median(times),
         "base_mib": base_mib,
@@ -229,6 +231,7 @@ def step_table(
     threads: int = 2,
     device: str = "cpu",
     autocast: bool = False,
+    recompute: bool = False,
     bank_dir: str | Path | None = None,
     progress: bool = True,
 ) -> list[dict[str, float | str | int]]:
@@ -257,8 +260,9 @@ def step_table(
             size = resolution or DEFAULT_RESOLUTION.get(model, 32)
             common = {"batch": batch, "resolution": size, "steps": steps, "warmup": warmup, "threads": threads,
                       "device": device, "autocast": autocast, "bank_dir": folder}
+            composing = {**common, "recompute": recompute}
             cases.append(StepCase(model, "finetune", **common))  # type: ignore[arg-type]
-            cases += [StepCase(model, "compose", n, storage=s, **common)  # type: ignore[arg-type]
+            cases += [StepCase(model, "compose", n, storage=s, **composing)  # type: ignore[arg-type]
                       for s in storages for n in vector_counts]
         for model in models:
             for s in storages:

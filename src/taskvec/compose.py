@@ -424,8 +424,13 @@ class Composer(nn.Module):
         base_eval: bool = True,
         copy_base: bool = True,
         chunk: int = DEFAULT_CHUNK,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
+        # recompute=True: compose each module's blocks just before it runs and again in the backward pass
+        # (taskvec.recompute), so the composed copy of the network is never held whole: for banks whose
+        # base is large next to the activations, at the price of a third read of the bank per step.
+        self.recompute = recompute
         self._chunk = chunk  # elements per dequantised tile of a quantised stack
         if not vectors:
             raise ValueError("the bank is empty: a composer needs at least one task vector")
@@ -675,21 +680,36 @@ class Composer(nn.Module):
         if self._fused is not None and _is_plain(coefficients):
             result: dict[str, Tensor] = {}
             for group in self._fused:
-                plan = [(stack, None if rows is None else rows.to(coefficients.device),
-                         column if isinstance(column, int) else column.to(coefficients.device), parts)
-                        for _, stack, rows, column, parts in group]
-                bases = [params[name].detach() for name, *_ in group]
-                composed = _ComposeBlocks.apply(coefficients, plan, *bases)
-                result.update(zip([name for name, *_ in group], composed, strict=True))
+                result.update(zip([name for name, *_ in group], self.compose_entries(coefficients, group, params),
+                                  strict=True))
             return result
         return {
             name: params[name] + delta.to(params[name].dtype)
             for name, delta in self.deltas(coefficients).items()
         }
 
+    def fused_entries(self) -> list[_FusedEntry] | None:
+        """Every fused block's (name, stack, rows, column(s), parts), or None where blocks compose one by one."""
+        return None if self._fused is None else [entry for group in self._fused for entry in group]
+
+    def compose_entries(self, coefficients: Tensor, entries: Sequence[_FusedEntry],
+                        params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, ...]:
+        """theta_0 + delta for ``entries`` (from :meth:`fused_entries`), as one autograd node."""
+        params = dict(self.base.named_parameters()) if params is None else params
+        device = coefficients.device
+        plan = [(stack, None if rows is None else rows.to(device),
+                 column if isinstance(column, int) else column.to(device), parts)
+                for _, stack, rows, column, parts in entries]
+        return _ComposeBlocks.apply(coefficients, plan, *[params[name].detach() for name, *_ in entries])
+
     def forward(self, *args, coefficients: Tensor | None = None, **kwargs):
         """Run the composed network. ``coefficients`` overrides the learned ones (for search or sampling)."""
         if not self.linearized:
+            given = self.coefficients if coefficients is None else coefficients
+            if self.recompute and torch.is_grad_enabled() and self._fused is not None and _is_plain(given):
+                from taskvec.recompute import recomposed_forward
+
+                return recomposed_forward(self, given, args, kwargs)
             return functional_call(self.base, self.composed_blocks(coefficients), args, kwargs, strict=False)
         params = dict(self.base.named_parameters())
         deltas = self.deltas(coefficients)
