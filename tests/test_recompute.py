@@ -103,3 +103,25 @@ def test_recompute_refuses_blocks_used_outside_their_module(also_call_child):
     with pytest.raises(RecomputeError, match="recompute=False"):
         composer(torch.randn(2, 4))
     assert torch.equal(composer.base.fc.weight, model.fc.weight)  # parameters restored after the error
+
+
+def test_recompute_on_a_transformers_text_encoder_padded_and_not():
+    """transformers reads parameters' dtype outside their modules (allowed); the unpadded and the stock
+    forward both compose module by module."""
+    from hf_tiny import bert, perturbed
+
+    from taskvec.models.hf import HFTextEncoder
+
+    model = bert(0)
+    vector = TaskVector.from_models(model, perturbed(model, 1), name="ft")
+    ids = torch.randint(1, 99, (3, 7), generator=torch.Generator().manual_seed(2))
+    for mask in (torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 5 + [0] * 2]), torch.ones(3, 7, dtype=torch.long)):
+        outputs = []
+        for recompute in (False, True):
+            composer = Composer(HFTextEncoder(model), [vector], "block", init=0.6, recompute=recompute)
+            out = composer(ids, mask)
+            out.square().sum().backward()
+            outputs.append((out.detach(), composer.coefficients.grad.clone()))
+        (expected, expected_grad), (got, got_grad) = outputs
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert torch.allclose(got_grad, expected_grad, atol=1e-5, rtol=1e-4)

@@ -409,6 +409,8 @@ class Composer(nn.Module):
 
     The bank may mix dense, LoRA and :class:`~taskvec.quantize.QuantizedTaskVector` s (one scheme per
     block); quantised ones stay in storage form and are dequantised ``chunk`` elements at a time.
+    ``recompute=True`` composes module by module during training and again in the backward pass
+    (:mod:`taskvec.recompute`): no whole composed copy of the network is held, for one more bank read.
     """
 
     def __init__(

@@ -11,8 +11,9 @@ the standard path, so outputs and gradients are the same; the price is one more 
 bank rows per step.
 
 Only modules whose own ``forward`` uses their blocks can be composed this way; a block read by some
-other module (a parent reading a child's weight, tied weights) would silently keep theta_0. So every
-block's module must fire, and the first call on a composer is checked against the standard path.
+other module (a parent reading a child's weight, tied weights) would silently keep theta_0. So while the
+network runs, every composed block outside its module's forward is a storage-free stand-in that raises
+RecomputeError on any use but reading its shape, dtype or device: such a read fails loudly, at no memory cost.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.weak import WeakTensorKeyDictionary
 
@@ -59,7 +59,6 @@ def _run(composer: Composer, coefficients: Tensor, args: tuple, kwargs: dict) ->
     groups = _by_module(composer)
     composed_index = WeakTensorKeyDictionary()  # composed block -> its recipe
     open_swaps: list[list] = []
-    fired: set[str] = set()
     frozen = coefficients.detach()
 
     def recipe(entries: list, position: int) -> _Recipe:
@@ -71,7 +70,6 @@ def _run(composer: Composer, coefficients: Tensor, args: tuple, kwargs: dict) ->
 
     def pre_hook(prefix: str, entries: list) -> Callable:
         def hook(module: nn.Module, _inputs: tuple) -> None:
-            fired.add(prefix)
             composed = composer.compose_entries(coefficients, entries, params)
             names = {}
             for position, (entry, tensor) in enumerate(zip(entries, composed, strict=True)):
@@ -101,38 +99,49 @@ def _run(composer: Composer, coefficients: Tensor, args: tuple, kwargs: dict) ->
         module = base.get_submodule(prefix)
         handles.append(module.register_forward_pre_hook(pre_hook(prefix, entries)))
         handles.append(module.register_forward_hook(post_hook))
+    # Outside its module's forward every composed block is an _Absent stand-in (no storage): other readers fail.
+    absent = {entry[0]: _Absent.of(entry[0], params[entry[0]]) for entries in groups.values() for entry in entries}
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        with _reparametrize_module(base, absent), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             output = base(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
         while open_swaps:  # an exception inside a module: restore its parameters
             open_swaps.pop()[1].__exit__(None, None, None)
-    missed = sorted(set(groups) - fired)
-    if missed:
-        raise RecomputeError(
-            f"module(s) {missed[:4]} own composed blocks but never ran their forward (their weights are read "
-            "by another module, or tied); use Composer(recompute=False)"
-        )
     return output
+
+
+class _Absent(Tensor):
+    """A composed block's stand-in outside its module's forward: shape, dtype and device are the real
+    parameter's; any computation with it raises :class:`RecomputeError`."""
+
+    _block: str
+    _real: Tensor
+    _ALLOWED = frozenset({Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tensor.ndim.__get__,
+                          Tensor.requires_grad.__get__, Tensor.size, Tensor.dim, Tensor.is_floating_point,
+                          Tensor.numel})
+
+    @staticmethod
+    def of(block: str, real: Tensor) -> _Absent:
+        stand_in = Tensor._make_subclass(_Absent, torch.empty(real.shape, dtype=real.dtype, device="meta"))
+        stand_in._block, stand_in._real = block, real
+        return stand_in
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls._ALLOWED:
+            real_args = [a._real if isinstance(a, _Absent) else a for a in args]
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*real_args, **(kwargs or {}))
+        names = [a._block for a in args if isinstance(a, _Absent)]
+        raise RecomputeError(
+            f"composed block(s) {names} are used outside their own module's forward (by "
+            f"{getattr(func, '__name__', func)}: a parent reads a child's weight, or weights are tied), where "
+            "module-by-module composition cannot reach them; use Composer(recompute=False)"
+        )
 
 
 def recomposed_forward(composer: Composer, coefficients: Tensor, args: tuple, kwargs: dict) -> Any:
-    """``composer``'s forward with module-by-module composition (see the module docstring). The first call
-    on a composer is also run the standard way (without gradient) and must agree, else RecomputeError."""
-    output = _run(composer, coefficients, args, kwargs)
-    if not getattr(composer, "_recompute_checked", False):
-        with torch.no_grad():
-            standard = functional_call(composer.base, composer.composed_blocks(coefficients), args, kwargs,
-                                       strict=False)
-            mine = output.detach() if isinstance(output, Tensor) else None
-            if mine is not None and isinstance(standard, Tensor):
-                tolerance = 1e-4 * (float(standard.abs().max()) + 1.0)
-                if mine.shape != standard.shape or float((mine - standard).abs().max()) > tolerance:
-                    raise RecomputeError(
-                        "module-by-module composition disagrees with the standard forward on the first batch "
-                        "(a composed block is used outside its module's forward); use Composer(recompute=False)"
-                    )
-        composer._recompute_checked = True
-    return output
+    """``composer``'s forward with module-by-module composition (see the module docstring)."""
+    return _run(composer, coefficients, args, kwargs)
