@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from synthetic import tiny_vit_bank
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from taskvec.compose import Composer
 from taskvec.recompute import RecomputeError
@@ -53,18 +53,19 @@ def test_recompute_on_a_vit_with_root_owned_blocks():
 
 
 def _live_composed(composer: Composer, x: torch.Tensor) -> tuple[int, int, torch.Tensor]:
-    """(composed blocks made, still alive after the forward, output): composition tracked by weakref."""
-    made: list[weakref.ref] = []
+    """(composed blocks made, whose memory is still held after the forward, output): each block's storage
+    is tracked by a weak reference, so a view autograd saved (a Linear's transposed weight) counts too."""
+    made: list[StorageWeakRef] = []
     original = composer.compose_entries
 
     def tracking(*args, **kwargs):
         out = original(*args, **kwargs)
-        made.extend(weakref.ref(t) for t in out)
+        made.extend(StorageWeakRef(t.untyped_storage()) for t in out)
         return out
 
     composer.compose_entries = tracking  # type: ignore[method-assign]
     out = composer(x)
-    alive = sum(ref() is not None for ref in made)
+    alive = sum(not ref.expired() for ref in made)
     return len(made), alive, out
 
 
@@ -78,6 +79,16 @@ def test_recompute_keeps_no_composed_block_between_forward_and_backward(base, ba
     # the oracle: the standard path holds its composed blocks until the backward pass
     made, alive, out = _live_composed(Composer(base, bank, "block", init=0.4), images)
     assert alive > 0
+    # Linear layers save a transposed view of their weight: the view must not keep the block alive either
+    vit, vit_bank, blocks = tiny_vit_bank(2)
+    composer = Composer(vit, vit_bank, "block", init=0.3, blocks=blocks, recompute=True)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    made, alive, out = _live_composed(composer, x)
+    assert made > 0 and alive == 0
+    out.square().sum().backward()
+    expected, expected_grad = _output_and_grad(Composer(vit, vit_bank, "block", init=0.3, blocks=blocks), x)
+    assert torch.allclose(out.detach(), expected, atol=1e-5)
+    assert torch.allclose(composer.coefficients.grad, expected_grad, atol=1e-5, rtol=1e-4)
 
 
 class _ParentReadsChild(nn.Module):

@@ -45,6 +45,15 @@ class _Recipe:
         self.make = make
 
 
+class _ViewRecipe:
+    """A saved view of a composed block: the block's recipe and the view's geometry."""
+
+    __slots__ = ("offset", "recipe", "shape", "stride")
+
+    def __init__(self, recipe: _Recipe, shape: tuple, stride: tuple, offset: int) -> None:
+        self.recipe, self.shape, self.stride, self.offset = recipe, shape, stride, offset
+
+
 def _by_module(composer: Composer) -> dict[str, list]:
     groups: dict[str, list] = {}
     for entry in composer.fused_entries() or []:
@@ -73,7 +82,9 @@ def _run(composer: Composer, coefficients: Tensor, args: tuple, kwargs: dict) ->
             composed = composer.compose_entries(coefficients, entries, params)
             names = {}
             for position, (entry, tensor) in enumerate(zip(entries, composed, strict=True)):
-                composed_index[tensor] = recipe(entries, position)
+                made = composed_index[tensor] = recipe(entries, position)
+                if tensor._base is not None:  # the block is a view of a flat sum: views of it point there
+                    composed_index[tensor._base] = made
                 names[entry[0][len(prefix) + 1 :] if prefix else entry[0]] = tensor
             swap = _reparametrize_module(module, names)
             swap.__enter__()
@@ -89,9 +100,17 @@ def _run(composer: Composer, coefficients: Tensor, args: tuple, kwargs: dict) ->
 
     def pack(tensor: Tensor) -> Any:
         made = composed_index.get(tensor)
-        return tensor if made is None else made
+        if made is not None:
+            return made
+        base_tensor = tensor._base  # a view of a block (a Linear saves its weight transposed) holds it too
+        made = None if base_tensor is None else composed_index.get(base_tensor)
+        if made is None:
+            return tensor
+        return _ViewRecipe(made, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
 
     def unpack(saved: Any) -> Tensor:
+        if isinstance(saved, _ViewRecipe):
+            return saved.recipe.make().as_strided(saved.shape, saved.stride, saved.offset)
         return saved.make() if isinstance(saved, _Recipe) else saved
 
     handles = []
