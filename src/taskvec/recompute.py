@@ -106,7 +106,7 @@ def _run(composer: Composer, coefficients: Tensor, args: tuple, kwargs: dict) ->
         made = None if base_tensor is None else composed_index.get(base_tensor)
         if made is None:
             return tensor
-        return _ViewRecipe(made, tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset())
+        return _ViewRecipe(made, tuple(tensor.shape), tuple(tensor.stride()), int(tensor.storage_offset()))
 
     def unpack(saved: Any) -> Tensor:
         if isinstance(saved, _ViewRecipe):
@@ -119,7 +119,8 @@ def _run(composer: Composer, coefficients: Tensor, args: tuple, kwargs: dict) ->
         handles.append(module.register_forward_pre_hook(pre_hook(prefix, entries)))
         handles.append(module.register_forward_hook(post_hook))
     # Outside its module's forward every composed block is an _Absent stand-in (no storage): other readers fail.
-    absent = {entry[0]: _Absent.of(entry[0], params[entry[0]]) for entries in groups.values() for entry in entries}
+    absent: dict[str, Tensor] = {entry[0]: _Absent.of(entry[0], params[entry[0]])
+                                 for entries in groups.values() for entry in entries}
     try:
         with _reparametrize_module(base, absent), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             output = base(*args, **kwargs)
@@ -137,9 +138,9 @@ class _Absent(Tensor):
 
     _block: str
     _real: Tensor
-    _ALLOWED = frozenset({Tensor.shape.__get__, Tensor.dtype.__get__, Tensor.device.__get__, Tensor.ndim.__get__,
-                          Tensor.requires_grad.__get__, Tensor.size, Tensor.dim, Tensor.is_floating_point,
-                          Tensor.numel})
+    _PROPERTIES = ("shape", "dtype", "device", "ndim", "requires_grad")
+    _ALLOWED = frozenset([getattr(Tensor, attr).__get__ for attr in _PROPERTIES]
+                         + [Tensor.size, Tensor.dim, Tensor.is_floating_point, Tensor.numel])
 
     @staticmethod
     def of(block: str, real: Tensor) -> _Absent:
