@@ -136,3 +136,14 @@ def test_recompute_on_a_transformers_text_encoder_padded_and_not():
         (expected, expected_grad), (got, got_grad) = outputs
         assert torch.allclose(got, expected, atol=1e-5)
         assert torch.allclose(got_grad, expected_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_recompute_with_a_bf16_bank_from_files(base, bank, images, tmp_path):
+    """The memory path the ViT-B/32 benchmark takes: bf16 files, memory-mapped, base adopted."""
+    paths = [vector.save(tmp_path / f"v{i}.safetensors", dtype=torch.bfloat16) for i, vector in enumerate(bank)]
+    expected, expected_grad = _output_and_grad(Composer.from_files(copy.deepcopy(base), paths, "block", init=0.4),
+                                               images)
+    got, got_grad = _output_and_grad(
+        Composer.from_files(copy.deepcopy(base), paths, "block", init=0.4, recompute=True), images)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(got_grad, expected_grad, atol=1e-6, rtol=1e-5)
