@@ -115,7 +115,6 @@ def cases_for(
     runners: dict[str, Callable] = {f"vmap/c{c}": VmapRunner(composer, c) for c in chunks}
     runners["linear"] = LinearRunner(composer, sparse=False)
     runners["linear/sp"] = LinearRunner(composer, sparse=True)  # sparse hooks when >= 50% zeros
-    runners["linear/gp"] = LinearRunner(composer, sparse="grouped")  # per-sample weight deltas, one product
     runners["auto"] = AutoRunner(composer, 8)
     for label, runner in runners.items():
         cases.append((label, "infer", _infer(lambda r=runner: r(x, per_sample))))

@@ -49,7 +49,6 @@ def test_sparse_linear_runner_equals_vmap_and_oracle(base, bank, images, kept):
         got = sparse(images, coefficients)
         assert torch.allclose(got, expected, atol=1e-5)
         assert torch.allclose(dense(images, coefficients), expected, atol=1e-5)
-        assert torch.allclose(LinearRunner(composer, sparse="grouped")(images, coefficients), expected, atol=1e-5)
         assert torch.allclose(VmapRunner(composer, 2)(images, coefficients), expected, atol=1e-5)
 
 
@@ -61,7 +60,6 @@ def test_sparse_runner_on_tiny_vit_linear_layers():
     with torch.no_grad():
         expected = VmapRunner(composer, None)(x, coefficients)
         assert torch.allclose(LinearRunner(composer, sparse=True)(x, coefficients), expected, atol=1e-5)
-        assert torch.allclose(LinearRunner(composer, sparse="grouped")(x, coefficients), expected, atol=1e-5)
 
 
 def test_auto_runner_uses_sparse_hooks_without_grad_and_vmap_with_grad(base, bank, images, monkeypatch):
@@ -113,7 +111,7 @@ def test_sparse_runners_with_batchnorm_statistics_in_and_out_of_place(base, bank
     composer = Composer(base, bank, "block")
     coefficients = _gated(images.shape[0], len(bank), composer.layout.num_columns, 0.3, seed=12)
     expected = _per_sample_oracle(composer, bank, images, coefficients)
-    for sparse in (True, "grouped", False):
+    for sparse in (True, False):
         runner = LinearRunner(composer, sparse=sparse)
         with torch.no_grad():
             assert torch.allclose(runner(images, coefficients), expected, atol=1e-5), sparse

@@ -136,12 +136,6 @@ def _lead(batch: int, tensor: Tensor, trailing: int) -> tuple[int, ...]:
     return (batch,) + (1,) * (tensor.dim() - 1 - trailing)
 
 
-def _pointwise(module: nn.Module) -> bool:
-    """A 1x1 convolution with stride 1, no padding, one group: a matrix product over channels."""
-    return (module.groups == 1 and all(k == 1 for k in module.kernel_size) and all(v == 1 for v in module.stride)
-            and not isinstance(module.padding, str) and all(p == 0 for p in module.padding))
-
-
 class LinearRunner:
     """Per-sample composition by linearity: forward hooks add ``sum_j c_sj (T_j x)`` to each module.
 
@@ -152,7 +146,7 @@ class LinearRunner:
 
     SPARSE_FROM = 0.5  # fraction of zero coefficients from which the sparse corrections are used
 
-    def __init__(self, composer: Composer, sparse: bool | str = True) -> None:
+    def __init__(self, composer: Composer, sparse: bool = True) -> None:
         self.sparse = sparse
         if composer.linearized:
             raise UnsupportedModuleError(
@@ -250,45 +244,6 @@ class LinearRunner:
         return total
 
     @staticmethod
-    def _grouped_weight(module: nn.Module, kind: str, x: Tensor, weight: _Basis, c: Tensor) -> Tensor | None:
-        """sum_j c_sj (T_j x_s) as one product with per-sample weight deltas D_s = sum_j c_sj T_j, made only
-        for the samples that keep some component of this module.
-
-        Why: the per-component sparse path runs one small product per kept (component, module) pair, and on
-        CPU their call overhead, not their arithmetic, sets the cost. Here each module costs one
-        ``(s, m) @ (m, numel)`` product and one batched product (bmm, or a conv grouped by sample).
-        """
-        rows = torch.nonzero((c != 0).any(1)).flatten()
-        count = rows.numel()
-        if count == 0:
-            return None
-        deltas = c.index_select(0, rows) @ weight.tensors.view(weight.tensors.shape[0], -1)  # (s, numel)
-        sub = x.index_select(0, rows) if count < x.shape[0] else x
-        if kind == "linear":
-            outputs = module.out_features
-            product = torch.bmm(sub.reshape(count, -1, sub.shape[-1]), deltas.view(count, outputs, -1).transpose(1, 2))
-            product = product.view(*sub.shape[:-1], outputs)
-        else:
-            outputs, kernel = module.out_channels, module.kernel_size
-            if _pointwise(module):
-                product = torch.bmm(deltas.view(count, outputs, -1), sub.reshape(count, sub.shape[1], -1))
-                product = product.view(count, outputs, *sub.shape[2:])
-            else:
-                padding = module.padding
-                if module.padding_mode != "zeros":
-                    sub = F.pad(sub, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-                    padding = 0
-                conv = (F.conv1d, F.conv2d, F.conv3d)[sub.dim() - 3]
-                stacked = deltas.view(count * outputs, -1, *kernel)
-                product = conv(sub.reshape(1, -1, *sub.shape[2:]), stacked, None, module.stride, padding,
-                               module.dilation, count * module.groups)
-                product = product.view(count, outputs, *product.shape[2:])
-        if count == x.shape[0]:
-            return product
-        total = product.new_zeros((x.shape[0], *product.shape[1:]))
-        return total.index_add_(0, rows, product)
-
-    @staticmethod
     def _embedding_correction(ids: Tensor, weight: _Basis, flat: Tensor) -> Tensor:
         """sum_j c_sj T_j[ids_s]: each basis table looked up at the sample's own tokens (zero columns
         skipped). Ids with a leading 1 (shared position ids) broadcast over the batch."""
@@ -306,28 +261,21 @@ class LinearRunner:
     @staticmethod
     def _corrected(
         module: nn.Module, kind: str, x: Tensor, output: Tensor, plan: dict[str, _Basis], flat: Tensor,
-        sparse: bool | str = False,
+        sparse: bool = False,
     ) -> Tensor:
-        """The module's output plus its per-sample correction. Without autograd the correction is added to
-        the output in place, and a BatchNorm's is one multiply-add on its input (inference, the gated case:
-        per-module temporaries, not per-module copies of the activations, set the cost on CPU)."""
+        """The module's output plus its per-sample correction; without autograd (inference, the gated case)
+        the correction is added to the output in place: per-module copies of the activations, not the
+        products, set the cost on CPU."""
         batch = flat.shape[0]
         if torch.is_grad_enabled() or kind == "embedding" or x.shape[0] != batch:
             return output + LinearRunner._correction(module, kind, x, plan, flat, sparse)
         weight, bias = plan.get("weight"), plan.get("bias")
         if kind == "batch_norm":
-            # normalised(x) * a_s + b_s is affine in x: x * (a_s / std) + (b_s - mean * a_s / std)
-            shape = (batch, -1, *(1,) * (x.dim() - 2))
-            offset = torch.zeros((), dtype=x.dtype, device=x.device)
-            if weight is not None:
-                scale = (flat[:, weight.index].to(x.dtype) @ weight.tensors.flatten(1))
-                scale = scale * torch.rsqrt(module.running_var + module.eps).to(x.dtype)
-                output.addcmul_(x, scale.view(shape))
-                offset = -scale * module.running_mean.to(x.dtype)
-            if bias is not None:
-                offset = offset + flat[:, bias.index].to(x.dtype) @ bias.tensors.flatten(1)
-            return output.add_(offset.view(shape)) if offset.dim() else output
-        if sparse is True and weight is not None and kind in ("linear", "conv"):
+            multiplier, offset = LinearRunner._batch_norm_affine(module, x, plan, flat)
+            if multiplier is not None:
+                output.addcmul_(x, multiplier)
+            return output if offset is None else output.add_(offset)
+        if sparse and weight is not None and kind in ("linear", "conv"):
             LinearRunner._sparse_weight(module, kind, x, weight, flat[:, weight.index].to(x.dtype), into=output)
             plan = {"bias": bias} if bias is not None else {}
             if not plan:
@@ -335,8 +283,27 @@ class LinearRunner:
         return output.add_(LinearRunner._correction(module, kind, x, plan, flat, sparse))
 
     @staticmethod
+    def _batch_norm_affine(
+        module: nn.Module, x: Tensor, plan: dict[str, _Basis], flat: Tensor
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """A BatchNorm's per-sample correction normalised(x) * a_s + b_s as x * m_s + o_s (running statistics:
+        m_s = a_s / std, o_s = b_s - mean * m_s), each (B, C, 1, ...): one multiply-add, no second normalisation."""
+        shape = (flat.shape[0], -1, *(1,) * (x.dim() - 2))
+        weight, bias = plan.get("weight"), plan.get("bias")
+        multiplier = offset = None
+        if weight is not None:
+            scale = flat[:, weight.index].to(x.dtype) @ weight.tensors.flatten(1)
+            multiplier = scale * torch.rsqrt(module.running_var + module.eps).to(x.dtype)
+            offset = -multiplier * module.running_mean.to(x.dtype)
+        if bias is not None:
+            shift = flat[:, bias.index].to(x.dtype) @ bias.tensors.flatten(1)
+            offset = shift if offset is None else offset + shift
+        return (None if multiplier is None else multiplier.view(shape),
+                None if offset is None else offset.view(shape))
+
+    @staticmethod
     def _correction(
-        module: nn.Module, kind: str, x: Tensor, plan: dict[str, _Basis], flat: Tensor, sparse: bool | str = False
+        module: nn.Module, kind: str, x: Tensor, plan: dict[str, _Basis], flat: Tensor, sparse: bool = False
     ) -> Tensor:
         batch = flat.shape[0]
         if kind == "embedding":
@@ -350,10 +317,7 @@ class LinearRunner:
         total: Tensor | None = None
         if sparse and weight is not None and kind in ("linear", "conv"):
             c = flat[:, weight.index].to(x.dtype)
-            if sparse == "grouped":
-                correction = LinearRunner._grouped_weight(module, kind, x, weight, c)
-            else:
-                correction = LinearRunner._sparse_weight(module, kind, x, weight, c)
+            correction = LinearRunner._sparse_weight(module, kind, x, weight, c)
             if bias is not None:
                 spatial = x.dim() - 2 if kind == "conv" else 0
                 lead = (batch, -1, *(1,) * spatial) if kind == "conv" else (*_lead(batch, x, 1), -1)
@@ -384,18 +348,18 @@ class LinearRunner:
             if bias is not None:
                 shift = (flat[:, bias.index].to(x.dtype) @ bias.tensors).view(batch, -1, *(1,) * spatial)
                 total = shift if total is None else total + shift
+        elif kind == "batch_norm":
+            multiplier, offset = LinearRunner._batch_norm_affine(module, x, plan, flat)
+            total = x * multiplier if multiplier is not None else None
+            if offset is not None:
+                total = offset if total is None else total + offset
         else:
             if kind == "layer_norm":
                 trailing = len(module.normalized_shape)
                 normed = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
                 shape = (*_lead(batch, x, trailing), *module.normalized_shape)
-            elif kind == "group_norm":
-                normed = F.group_norm(x, module.num_groups, None, None, module.eps)
-                shape = (batch, -1, *(1,) * (x.dim() - 2))
             else:
-                normed = F.batch_norm(
-                    x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps
-                )
+                normed = F.group_norm(x, module.num_groups, None, None, module.eps)
                 shape = (batch, -1, *(1,) * (x.dim() - 2))
             if weight is not None:
                 scale = flat[:, weight.index].to(x.dtype) @ weight.tensors.flatten(1)
@@ -414,7 +378,7 @@ class LinearRunner:
         flat = coefficients.reshape(coefficients.shape[0], -1)
         fired: set[str] = set()
         # Skipping zero coefficients pays when most are zero (a gated posterior); a relaxed sample has none.
-        sparse = self.sparse if self.sparse and float((flat == 0).float().mean()) >= self.SPARSE_FROM else False
+        sparse = self.sparse and float((flat == 0).float().mean()) >= self.SPARSE_FROM
 
         def hook_for(prefix: str, module: nn.Module, kind: str) -> Callable:
             def hook(mod: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
