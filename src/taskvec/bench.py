@@ -188,7 +188,8 @@ def run_case(case: StepCase) -> dict[str, float | str | int]:
         "model": case.model,
         "mode": case.mode,
         "vectors": case.vectors,
-        "storage": case.storage + (", recompute" if case.recompute else ""),
+        "storage": case.storage,
+        "recompute": case.recompute,
         "device": case.device,
         "step_ms": 1000 * statistics.median(times),
         "base_mib": base_mib,
@@ -318,7 +319,8 @@ def format_step_table(rows: list[dict]) -> str:
     for r in rows:
         compose = r["mode"] == "compose"
         lines.append(
-            f"| {r['model']} | {r['mode']} | {r['vectors'] or ''} | {r['storage'] if compose else ''} "
+            f"| {r['model']} | {r['mode']} | {r['vectors'] or ''} "
+            f"| {(r['storage'] + (', recompute' if r.get('recompute') else '')) if compose else ''} "
             f"| {r['step_ms']:.1f} | {r['ratio']:.3f} | {_paired(r)} "
             f"| {r.get('floor_ratio', nan):.3f} | {r.get('vs_floor', nan):.3f} "
             f"| {r['base_mib']:.1f} | {r['vectors_mib']:.1f} | {r['budget_mib']:.1f} "

@@ -429,9 +429,6 @@ class Composer(nn.Module):
         recompute: bool = False,
     ) -> None:
         super().__init__()
-        # recompute=True: compose each module's blocks just before it runs and again in the backward pass
-        # (taskvec.recompute), so the composed copy of the network is never held whole: for banks whose
-        # base is large next to the activations, at the price of a third read of the bank per step.
         self.recompute = recompute
         self._chunk = chunk  # elements per dequantised tile of a quantised stack
         if not vectors:

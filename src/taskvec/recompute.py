@@ -62,7 +62,8 @@ def _by_module(composer: Composer) -> dict[str, list]:
     return groups
 
 
-def _run(composer: Composer, coefficients: Tensor, args: tuple, kwargs: dict) -> Any:
+def recomposed_forward(composer: Composer, coefficients: Tensor, args: tuple, kwargs: dict) -> Any:
+    """``composer``'s forward with module-by-module composition (see the module docstring)."""
     base = composer.base
     params = dict(base.named_parameters())
     groups = _by_module(composer)
@@ -70,10 +71,10 @@ def _run(composer: Composer, coefficients: Tensor, args: tuple, kwargs: dict) ->
     open_swaps: list[list] = []
     frozen = coefficients.detach()
 
-    def recipe(entries: list, position: int) -> _Recipe:
-        def make() -> Tensor:
+    def recipe(entry: tuple) -> _Recipe:
+        def make() -> Tensor:  # this block alone: its module's other blocks are saved (or not) on their own
             with torch.no_grad():
-                return composer.compose_entries(frozen, entries, params)[position]
+                return composer.compose_entries(frozen, [entry], params)[0]
 
         return _Recipe(make)
 
@@ -81,8 +82,8 @@ def _run(composer: Composer, coefficients: Tensor, args: tuple, kwargs: dict) ->
         def hook(module: nn.Module, _inputs: tuple) -> None:
             composed = composer.compose_entries(coefficients, entries, params)
             names = {}
-            for position, (entry, tensor) in enumerate(zip(entries, composed, strict=True)):
-                made = composed_index[tensor] = recipe(entries, position)
+            for entry, tensor in zip(entries, composed, strict=True):
+                made = composed_index[tensor] = recipe(entry)
                 if tensor._base is not None:  # the block is a view of a flat sum: views of it point there
                     composed_index[tensor._base] = made
                 names[entry[0][len(prefix) + 1 :] if prefix else entry[0]] = tensor
@@ -160,8 +161,3 @@ class _Absent(Tensor):
             f"{getattr(func, '__name__', func)}: a parent reads a child's weight, or weights are tied), where "
             "module-by-module composition cannot reach them; use Composer(recompute=False)"
         )
-
-
-def recomposed_forward(composer: Composer, coefficients: Tensor, args: tuple, kwargs: dict) -> Any:
-    """``composer``'s forward with module-by-module composition (see the module docstring)."""
-    return _run(composer, coefficients, args, kwargs)
