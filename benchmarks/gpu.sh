@@ -6,7 +6,8 @@
 # On a CUDA machine it runs `taskvec bench step` on the GPU: MobileNetV2 (48 px) with n = 1, 4, 16, 64
 # and fp32/bf16 banks, then the CLIP ViT-B/32-shaped encoder (224 px) with n = 8 and 21; each table
 # gives the step time against a plain fine-tuning step, the memory-traffic floor (from a large device
-# copy) and peak GPU memory. On a GPU, bf16 banks are read by one bf16 x bf16 -> fp32 product per
+# copy) and peak GPU memory, each composing row once eagerly and once replayed as CUDA graphs
+# (Composer(cuda_graphs=True)). On a GPU, bf16 banks are read by one bf16 x bf16 -> fp32 product per
 # block. Without CUDA it runs the same commands on tiny CPU models, so the script itself is tested
 # anywhere (CI never needs a GPU).
 set -euo pipefail
@@ -18,7 +19,7 @@ mkdir -p "$OUT"
 
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   device=cuda
-  flags=(--device cuda --autocast)
+  flags=(--device cuda --autocast --cuda-graphs both)
   step=(--models mobilenet_v2 --vectors 1 4 16 64 --storage fp32 bf16 --batch 256 --resolution 48
         --steps 20 --warmup 5 --rounds 2)
   vit=(--models vit-b32 --vectors 8 21 --storage fp32 bf16 --batch 64 --steps 10 --warmup 3 --rounds 1)

@@ -83,3 +83,28 @@ def test_paired_ratio_is_the_median_of_same_round_ratios(monkeypatch):
     assert compose["paired_ratio"] == pytest.approx(1.10)
     assert (compose["paired_min"], compose["paired_max"]) == (pytest.approx(1.10), pytest.approx(3.00))
     assert "1.100 (1.10-3.00)" in format_step_table([_finetune, compose])
+
+
+def test_cuda_graphs_both_gives_a_row_with_and_one_without(monkeypatch):
+    seen = []
+
+    def fake(case):
+        seen.append(case.cuda_graphs)
+        return {"model": case.model, "mode": case.mode, "vectors": case.vectors, "storage": case.storage,
+                "cuda_graphs": case.cuda_graphs, "step_ms": 100.0 if case.mode == "finetune" else 120.0,
+                "base_mib": 1.0, "vectors_mib": 1.0, "bandwidth_gbs": 1.0, "rss_start_mib": 1.0,
+                "rss_built_mib": 1.0, "rss_peak_mib": 2.0, "gpu_peak_mib": float("nan")}
+
+    monkeypatch.setattr(bench, "run_isolated", fake)
+    monkeypatch.setattr(bench, "_subprocess", lambda function, case: "")
+    rows = bench.step_table(["m"], [4], storage="fp32", rounds=1, cuda_graphs=(False, True), progress=False)
+    assert [r["mode"] for r in rows] == ["finetune", "compose", "compose"] and seen == [False, False, True]
+    table = format_step_table(rows)
+    assert "| fp32 |" in table and "| fp32, cuda graphs |" in table
+
+
+def test_run_case_with_cuda_graphs_on_cpu_composes_eagerly():
+    case = StepCase("tiny_cnn", "compose", vectors=2, batch=4, resolution=8, steps=1, warmup=1, threads=1,
+                    cuda_graphs=True)
+    row = bench.run_case(case)
+    assert row["cuda_graphs"] is True and row["step_ms"] > 0

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class StepCase:
     device: str = "cpu"
     autocast: bool = False  # bf16 autocast of the network (CUDA runs)
     recompute: bool = False  # Composer(recompute=True): module-by-module composition, no whole composed copy
+    cuda_graphs: bool = False  # Composer(cuda_graphs=True): the composition replayed as CUDA graphs
     bank_dir: str = ""  # where prepare_bank wrote the vectors; compose cases load them from there
 
 
@@ -152,7 +154,7 @@ def run_case(case: StepCase) -> dict[str, float | str | int]:
             case = replace(case, bank_dir=tempfile.mkdtemp(prefix="taskvec-bench-"))
             prepare_bank(case)
         model = Composer.from_files(backbone, bank_paths(case), case.granularity, init=0.3, check_base=False,
-                                    recompute=case.recompute)
+                                    recompute=case.recompute, cuda_graphs=case.cuda_graphs)
         model = model.to(case.device)
         optimizer = torch.optim.AdamW([model.coefficients], lr=1e-2)
     head, x, y = head.to(case.device), x.to(case.device), y.to(case.device)
@@ -190,6 +192,7 @@ def run_case(case: StepCase) -> dict[str, float | str | int]:
         "vectors": case.vectors,
         "storage": case.storage,
         "recompute": case.recompute,
+        "cuda_graphs": case.cuda_graphs,
         "device": case.device,
         "step_ms": 1000 * statistics.median(times),
         "base_mib": base_mib,
@@ -233,6 +236,7 @@ def step_table(
     device: str = "cpu",
     autocast: bool = False,
     recompute: bool = False,
+    cuda_graphs: Sequence[bool] = (False,),
     bank_dir: str | Path | None = None,
     progress: bool = True,
 ) -> list[dict[str, float | str | int]]:
@@ -263,8 +267,8 @@ def step_table(
                       "device": device, "autocast": autocast, "bank_dir": folder}
             composing = {**common, "recompute": recompute}
             cases.append(StepCase(model, "finetune", **common))  # type: ignore[arg-type]
-            cases += [StepCase(model, "compose", n, storage=s, **composing)  # type: ignore[arg-type]
-                      for s in storages for n in vector_counts]
+            cases += [StepCase(model, "compose", n, storage=s, cuda_graphs=g, **composing)  # type: ignore[arg-type]
+                      for s in storages for n in vector_counts for g in cuda_graphs]
         for model in models:
             for s in storages:
                 largest = max(vector_counts)
@@ -320,7 +324,7 @@ def format_step_table(rows: list[dict]) -> str:
         compose = r["mode"] == "compose"
         lines.append(
             f"| {r['model']} | {r['mode']} | {r['vectors'] or ''} "
-            f"| {(r['storage'] + (', recompute' if r.get('recompute') else '')) if compose else ''} "
+            f"| {_storage_label(r) if compose else ''} "
             f"| {r['step_ms']:.1f} | {r['ratio']:.3f} | {_paired(r)} "
             f"| {r.get('floor_ratio', nan):.3f} | {r.get('vs_floor', nan):.3f} "
             f"| {r['base_mib']:.1f} | {r['vectors_mib']:.1f} | {r['budget_mib']:.1f} "
@@ -336,6 +340,11 @@ def format_step_table(rows: list[dict]) -> str:
         "fine-tuning step of the same round (min-max in brackets)."
     )
     return "\n".join(lines)
+
+
+def _storage_label(row: dict) -> str:
+    return row["storage"] + "".join(f", {flag.replace('_', ' ')}" for flag in ("recompute", "cuda_graphs")
+                                    if row.get(flag))
 
 
 def _paired(row: dict) -> str:

@@ -199,6 +199,7 @@ def _bench_step(args: argparse.Namespace) -> int:
         args.models, args.vectors, batch=args.batch, resolution=args.resolution, storage=args.storage, steps=args.steps,
         rounds=args.rounds, threads=args.threads or 2, device=args.device, autocast=args.autocast, warmup=args.warmup,
         bank_dir=args.bank_dir, recompute=args.recompute,
+        cuda_graphs={"off": (False,), "on": (True,), "both": (False, True)}[args.cuda_graphs],
     )
     print(format_step_table(rows))
     if args.json:
@@ -271,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--autocast", action="store_true", help="bf16 autocast of the network (CUDA runs)")
     step.add_argument("--recompute", action="store_true",
                       help="compose module by module and again in the backward pass (no whole composed copy)")
+    step.add_argument("--cuda-graphs", choices=("off", "on", "both"), default="off",
+                      help="replay the composition as CUDA graphs (CUDA runs); both: a row with and one without "
+                           "(default: %(default)s)")
     step.add_argument("--steps", type=int, default=10, help="timed steps per case (median reported)")
     step.add_argument("--warmup", type=int, default=3, help="untimed steps per case first (default: 3)")
     step.add_argument("--bank-dir", type=Path, default=None,

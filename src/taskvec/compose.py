@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from taskvec.granularity import BlockParts, Granularity, Layout
+from taskvec.graphed import GraphedComposition, graphed_composition
 from taskvec.io import (
     DIGEST_KEY,
     DIGEST_MARK_KEY,
@@ -288,6 +289,13 @@ class _BlockPlan(TypedDict):
 _FusedEntry = tuple[str, _BlockStack | QuantizedStack, Tensor | None, int | Tensor, BlockParts | None]
 
 
+def entry_plan(entries: Sequence[_FusedEntry], device: torch.device) -> list:
+    """(stack, rows, column(s), parts) per entry, indexes on ``device``: what :class:`_ComposeBlocks` reads."""
+    return [(stack, None if rows is None else rows.to(device),
+             column if isinstance(column, int) else column.to(device), parts)
+            for _, stack, rows, column, parts in entries]
+
+
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
 }
@@ -411,7 +419,11 @@ class Composer(nn.Module):
     block); quantised ones stay in storage form and are dequantised ``chunk`` elements at a time.
     ``recompute=True`` composes module by module during training and again in the backward pass
     (:mod:`taskvec.recompute`): no whole composed copy of the network is held, for one more bank read.
+    ``cuda_graphs=True`` replays the composition as CUDA graphs when the coefficients are on a GPU
+    (:mod:`taskvec.graphed`): the same results without one kernel launch per block; no effect on CPU.
     """
+
+    GRAPH_DEVICES: tuple[str, ...] = ("cuda",)  # where cuda_graphs takes effect
 
     def __init__(
         self,
@@ -427,9 +439,16 @@ class Composer(nn.Module):
         copy_base: bool = True,
         chunk: int = DEFAULT_CHUNK,
         recompute: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
+        if recompute and cuda_graphs:
+            raise ValueError("recompute=True and cuda_graphs=True exclude each other: recompute composes "
+                             "module by module, a graph composes every block at once")
         self.recompute = recompute
+        self.cuda_graphs = cuda_graphs
+        self._graphed: GraphedComposition | None = None
+        self._graphs_failed = False
         self._chunk = chunk  # elements per dequantised tile of a quantised stack
         if not vectors:
             raise ValueError("the bank is empty: a composer needs at least one task vector")
@@ -469,6 +488,9 @@ class Composer(nn.Module):
         self._fill_dense(vectors)
         self._positions = {name: position for position, name in enumerate(wanted)}
         self._fused = self._fused_plan(len(vectors))
+        if cuda_graphs and self._fused is None:
+            raise ValueError("cuda_graphs=True needs the fused composition: no LoRA vectors, no linearisation, "
+                             "one column per block for dense vectors")
         self.coefficients = nn.Parameter(self._initial(init, len(vectors)))
 
     # -- construction helpers ------------------------------------------------------------------
@@ -674,8 +696,15 @@ class Composer(nn.Module):
 
     def composed_blocks(self, coefficients: Tensor | None = None) -> dict[str, Tensor]:
         """theta_0 + delta for every composed block, in the base's dtype."""
-        params = dict(self.base.named_parameters())
         coefficients = self.coefficients if coefficients is None else coefficients
+        if self._fused is not None and _is_plain(coefficients):
+            if self.cuda_graphs and not self._graphs_failed and coefficients.device.type in self.GRAPH_DEVICES:
+                graphed = graphed_composition(self, coefficients, self._graphed)
+                self._graphs_failed = graphed is None
+                self._graphed = graphed
+                if graphed is not None:
+                    return dict(zip(graphed.names, graphed(coefficients), strict=True))
+        params = dict(self.base.named_parameters())
         if self._fused is not None and _is_plain(coefficients):
             result: dict[str, Tensor] = {}
             for group in self._fused:
@@ -695,10 +724,7 @@ class Composer(nn.Module):
                         params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, ...]:
         """theta_0 + delta for ``entries`` (from :meth:`fused_entries`), as one autograd node."""
         params = dict(self.base.named_parameters()) if params is None else params
-        device = coefficients.device
-        plan = [(stack, None if rows is None else rows.to(device),
-                 column if isinstance(column, int) else column.to(device), parts)
-                for _, stack, rows, column, parts in entries]
+        plan = entry_plan(entries, coefficients.device)
         return _ComposeBlocks.apply(coefficients, plan, *[params[name].detach() for name, *_ in entries])
 
     def forward(self, *args, coefficients: Tensor | None = None, **kwargs):
