@@ -11,7 +11,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from taskvec.compose import Composer
 from taskvec.graphed import EagerReplay, GraphedComposition
@@ -160,16 +159,32 @@ def test_graphs_refuse_what_they_cannot_replay(base, bank):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_cuda_graphs_follow_the_eager_composer(base, bank, images, dtype, autocast):
+    """Outputs and coefficient gradients at several coefficient values, each set in place between replays.
+
+    GPU kernels (cuDNN's convolution backward under autocast) need not be bitwise repeatable, so the
+    comparison has a tolerance, and no optimiser that could amplify tiny differences runs in between."""
     bank = [vector.to(dtype) for vector in bank]
     eager, graphed = (c.cuda() for c in _pair(base, bank))
-    batches = [x.cuda() for x in _batches(images, 4)]
-    expected = _train(eager, batches, autocast)
-    got = _train(graphed, batches, autocast)
+    x = images.cuda()
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        values = (torch.randn(eager.coefficients.shape, generator=generator) * 0.5).cuda()
+        results = []
+        for composer in (eager, graphed):
+            with torch.no_grad():
+                composer.coefficients.copy_(values)
+            composer.coefficients.grad = None
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                out = composer(x).float()
+            out.square().mean().backward()
+            results.append((out.detach(), composer.coefficients.grad.clone()))
+        (expected, expected_grad), (got, got_grad) = results
+        tolerance = {"rtol": 2e-2, "atol": 2e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(got, expected, **tolerance)
+        scale = expected_grad.abs().max()
+        torch.testing.assert_close(got_grad / scale, expected_grad / scale, **tolerance)
     assert isinstance(graphed._graphed, GraphedComposition)
-    assert isinstance(graphed._graphed._forward, type(graphed._graphed._backward))
     assert type(graphed._graphed._forward).__name__ == "CudaReplay"
-    torch.testing.assert_close(torch.stack(got), torch.stack(expected), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(graphed.coefficients, eager.coefficients, rtol=1e-5, atol=1e-6)
 
 
 @cuda
@@ -193,7 +208,7 @@ def test_cuda_graph_gradient_matches_an_fp64_oracle(base, bank, images):
     graphed = Composer(base, bank, init=0.3, cuda_graphs=True).cuda()
     oracle = Composer(base, bank, init=0.3).double()
     x = images.cuda()
-    F.mse_loss(graphed(x), torch.zeros(())).backward()
-    F.mse_loss(oracle(images.double()), torch.zeros((), dtype=torch.float64)).backward()
+    graphed(x).square().mean().backward()
+    oracle(images.double()).square().mean().backward()
     torch.testing.assert_close(graphed.coefficients.grad.double().cpu(), oracle.coefficients.grad,
                                rtol=1e-4, atol=1e-6)
