@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from taskvec.compose import Composer
 from taskvec.variational import VariationalComposer, VariationalConfig
-from taskvec.variational.persample import AutoRunner, LinearRunner, VmapRunner, make_runner
+from taskvec.variational.persample import AutoRunner, LinearRunner, UnsupportedModuleError, VmapRunner, make_runner
 from taskvec.vectors import TaskVector
 
 
@@ -101,9 +101,9 @@ def test_variational_auto_predictions_equal_vmap(base, bank, images):
 
 
 def test_sparse_runners_with_batchnorm_statistics_in_and_out_of_place(base, bank, images):
-    """The in-place inference path folds a BatchNorm correction into one multiply-add on the input, using the
-    running mean and variance: non-trivial statistics make that fold visible; with autograd the
-    correction is added out of place, and both equal the hand-written per-sample oracle."""
+    """A frozen BatchNorm runs as one per-sample multiply-add on its input built from the running mean and
+    variance: non-trivial statistics make that fold visible; with and without autograd, sparse and dense,
+    it equals the hand-written per-sample oracle."""
     generator = torch.Generator().manual_seed(11)
     with torch.no_grad():
         base.bn.running_mean.copy_(torch.randn(8, generator=generator))
@@ -120,3 +120,91 @@ def test_sparse_runners_with_batchnorm_statistics_in_and_out_of_place(base, bank
         assert torch.allclose(out.detach(), expected, atol=1e-5), sparse
         out.square().sum().backward()
         assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+class _Pointwise(torch.nn.Module):
+    """A stride-2 stem down to 2x2 maps, then 1x1 convs (expand, project) around a BatchNorm without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 6, 3, stride=4, padding=1)
+        self.expand = torch.nn.Conv2d(6, 12, 1)
+        self.bn = torch.nn.BatchNorm2d(12, affine=True)
+        self.project = torch.nn.Conv2d(12, 4, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.relu(self.bn(self.expand(self.stem(x))))).flatten(1)
+
+
+def _pointwise_bank(seed: int = 0) -> tuple[torch.nn.Module, list[TaskVector]]:
+    torch.manual_seed(seed)
+    base = _Pointwise().eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        base.bn.running_mean.copy_(torch.randn(12, generator=generator))
+        base.bn.running_var.copy_(torch.rand(12, generator=generator) + 0.5)
+        base.bn.weight.copy_(torch.rand(12, generator=generator) + 0.5)
+        base.bn.bias.copy_(torch.randn(12, generator=generator))
+    bank = []
+    for i in range(3):
+        tuned = copy.deepcopy(base)
+        with torch.no_grad():
+            for param in tuned.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+        bank.append(TaskVector.from_models(base, tuned, name=f"p{i}"))
+    return base, bank
+
+
+def test_pointwise_convs_on_small_maps_run_as_one_gemm_and_match_the_oracle(monkeypatch):
+    from taskvec.variational import persample
+
+    base, bank = _pointwise_bank()
+    x = torch.randn(9, 3, 8, 8, generator=torch.Generator().manual_seed(2))  # 2x2 maps after the stem
+    composer = Composer(base, bank, "block")
+    coefficients = _gated(9, 3, composer.layout.num_columns, 0.4, seed=4)
+    expected = _per_sample_oracle(composer, bank, x, coefficients)
+    gemms = []
+    original = persample._pointwise_gemm
+    monkeypatch.setattr(persample, "_pointwise_gemm", lambda *a: gemms.append(1) or original(*a))
+    runner = LinearRunner(composer, sparse=True)
+    with torch.no_grad():
+        assert torch.allclose(runner(x, coefficients), expected, atol=1e-5)
+    assert gemms  # the 1x1 convs took the GEMM path
+    leaf = coefficients.clone().requires_grad_(True)
+    out = runner(x, leaf)
+    assert torch.allclose(out.detach(), expected, atol=1e-5)
+    out.square().sum().backward()
+    reference = coefficients.clone().requires_grad_(True)
+    VmapRunner(composer, None)(x, reference).square().sum().backward()
+    assert torch.allclose(leaf.grad, reference.grad, atol=1e-4)
+
+
+def test_batchnorm_fold_keeps_the_base_bias_and_restores_forward():
+    base, bank = _pointwise_bank(3)
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    composer = Composer(base, bank, "block", blocks=["bn.weight", "expand.weight"])  # bn.bias stays theta_0
+    coefficients = _gated(5, 3, composer.layout.num_columns, 0.5, seed=8)
+    expected = _per_sample_oracle(composer, bank, x, coefficients)
+    runner = LinearRunner(composer, sparse=True)
+    with torch.no_grad():
+        assert torch.allclose(runner(x, coefficients), expected, atol=1e-5)
+        bn = composer.base.bn
+        assert "forward" not in vars(bn)
+        with pytest.raises(ValueError, match="per-sample coefficients have shape"):
+            runner(x, coefficients[:, :2])
+        assert "forward" not in vars(bn)
+        broken = _gated(5, 3, composer.layout.num_columns, 0.5, seed=8)
+        original = composer.base.project.forward
+        composer.base.project.forward = lambda t: (_ for _ in ()).throw(RuntimeError("boom"))
+        with pytest.raises(RuntimeError, match="boom"):
+            runner(x, broken)
+        assert "forward" not in vars(bn)  # restored although the pass failed
+        composer.base.project.forward = original
+
+
+def test_a_module_whose_forward_is_replaced_on_the_instance_is_refused():
+    base, bank = _pointwise_bank(4)
+    base.bn.forward = lambda t: t  # type: ignore[method-assign]
+    composer = Composer(base, bank, "block", copy_base=False)
+    with pytest.raises(UnsupportedModuleError, match="BatchNorm2d 'bn'"):
+        LinearRunner(composer)

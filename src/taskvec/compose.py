@@ -697,13 +697,12 @@ class Composer(nn.Module):
     def composed_blocks(self, coefficients: Tensor | None = None) -> dict[str, Tensor]:
         """theta_0 + delta for every composed block, in the base's dtype."""
         coefficients = self.coefficients if coefficients is None else coefficients
-        if self._fused is not None and _is_plain(coefficients):
-            if self.cuda_graphs and not self._graphs_failed and coefficients.device.type in self.GRAPH_DEVICES:
-                graphed = graphed_composition(self, coefficients, self._graphed)
-                self._graphs_failed = graphed is None
-                self._graphed = graphed
-                if graphed is not None:
-                    return dict(zip(graphed.names, graphed(coefficients), strict=True))
+        if self._graphable(coefficients):
+            graphed = graphed_composition(self, coefficients, self._graphed)
+            self._graphs_failed = graphed is None
+            self._graphed = graphed
+            if graphed is not None:
+                return dict(zip(graphed.names, graphed(coefficients), strict=True))
         params = dict(self.base.named_parameters())
         if self._fused is not None and _is_plain(coefficients):
             result: dict[str, Tensor] = {}
@@ -715,6 +714,10 @@ class Composer(nn.Module):
             name: params[name] + delta.to(params[name].dtype)
             for name, delta in self.deltas(coefficients).items()
         }
+
+    def _graphable(self, coefficients: Tensor) -> bool:
+        return (self.cuda_graphs and not self._graphs_failed and self._fused is not None
+                and coefficients.device.type in self.GRAPH_DEVICES and _is_plain(coefficients))
 
     def fused_entries(self) -> list[_FusedEntry] | None:
         """Every fused block's (name, stack, rows, column(s), parts), or None where blocks compose one by one."""
