@@ -101,7 +101,7 @@ class GraphedComposition:
         self.names = [name for name, *_ in entries]
         self.shape, self.dtype, self.device = coefficients.shape, coefficients.dtype, coefficients.device
         params = dict(composer.base.named_parameters())
-        self._slots = self._read_slots(composer, params)
+        self._slots = self._read_slots(composer)
         self.addresses = self._addresses()
         bases = [params[name].detach() for name in self.names]
         plan = entry_plan(entries, self.device)
@@ -122,7 +122,7 @@ class GraphedComposition:
             self.outputs = self._forward.capture(forward)
             (self.gradient,) = self._backward.capture(backward)
 
-    def _read_slots(self, composer: Composer, params: dict[str, Tensor]) -> list[tuple[dict, str]]:
+    def _read_slots(self, composer: Composer) -> list[tuple[dict, str]]:
         """(dict, key) of every tensor the graphs read: dense stacks, quantised stacks, the composed base blocks.
 
         Why slots: ``.to()`` and buffer assignment put new tensors into these dicts (or new data into the
