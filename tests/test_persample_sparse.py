@@ -123,17 +123,21 @@ def test_sparse_runners_with_batchnorm_statistics_in_and_out_of_place(base, bank
 
 
 class _Pointwise(torch.nn.Module):
-    """A stride-2 stem down to 2x2 maps, then 1x1 convs (expand, project) around a BatchNorm without bias."""
+    """A stride-4 stem down to 2x2 maps, a 1x1 expansion, a BatchNorm, a depthwise conv with a channel
+    multiplier and bias, a stride-2 depthwise conv in another padding mode, and a 1x1 projection."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = torch.nn.Conv2d(3, 6, 3, stride=4, padding=1)
         self.expand = torch.nn.Conv2d(6, 12, 1)
         self.bn = torch.nn.BatchNorm2d(12, affine=True)
-        self.project = torch.nn.Conv2d(12, 4, 1, bias=False)
+        self.depthwise = torch.nn.Conv2d(12, 24, 3, padding=1, groups=12)
+        self.reflected = torch.nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24, padding_mode="reflect")
+        self.project = torch.nn.Conv2d(24, 4, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(torch.relu(self.bn(self.expand(self.stem(x))))).flatten(1)
+        x = self.depthwise(torch.relu(self.bn(self.expand(self.stem(x)))))
+        return self.project(self.reflected(x)).flatten(1)
 
 
 def _pointwise_bank(seed: int = 0) -> tuple[torch.nn.Module, list[TaskVector]]:
@@ -174,6 +178,33 @@ def test_pointwise_convs_on_small_maps_run_as_one_gemm_and_match_the_oracle(monk
     out = runner(x, leaf)
     assert torch.allclose(out.detach(), expected, atol=1e-5)
     out.square().sum().backward()
+    reference = coefficients.clone().requires_grad_(True)
+    VmapRunner(composer, None)(x, reference).square().sum().backward()
+    assert torch.allclose(leaf.grad, reference.grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_depthwise_convs_run_with_per_sample_kernels(sparse, monkeypatch):
+    """Depthwise convs (channel multiplier 2, bias) run as one convolution with per-sample kernels; the
+    reflect-padded one keeps the hooks. Outputs against the hand-written oracle, gradients against vmap."""
+    from taskvec.variational import persample
+
+    base, bank = _pointwise_bank(5)
+    x = torch.randn(7, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    composer = Composer(base, bank, "block")
+    coefficients = _gated(7, 3, composer.layout.num_columns, 0.3, seed=10)
+    expected = _per_sample_oracle(composer, bank, x, coefficients)
+    calls = []
+    original = LinearRunner._per_sample_depthwise
+    monkeypatch.setattr(LinearRunner, "_per_sample_depthwise",
+                        staticmethod(lambda module, *a: calls.append(module) or original(module, *a)))
+    runner = LinearRunner(composer, sparse=sparse)
+    with torch.no_grad():
+        assert torch.allclose(runner(x, coefficients), expected, atol=1e-5)
+    assert calls == [composer.base.depthwise]
+    assert persample._depthwise(composer.base.reflected) is False
+    leaf = coefficients.clone().requires_grad_(True)
+    runner(x, leaf).square().sum().backward()
     reference = coefficients.clone().requires_grad_(True)
     VmapRunner(composer, None)(x, reference).square().sum().backward()
     assert torch.allclose(leaf.grad, reference.grad, atol=1e-4)

@@ -153,6 +153,12 @@ def _pointwise_gemm(x: Tensor, weight: Tensor) -> Tensor:
     return (weight.view(weight.shape[0], channels) @ flat).view(-1, batch, height, width).transpose(0, 1)
 
 
+def _depthwise(module: nn.Module) -> bool:
+    """A Conv2d with one group per input channel and zero padding: its weights are tiny next to its activations."""
+    return (isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1
+            and module.padding_mode == "zeros")
+
+
 def _lead(batch: int, tensor: Tensor, trailing: int) -> tuple[int, ...]:
     """View shape that puts ``batch`` first and broadcasts over the middle dims of ``tensor``."""
     return (batch,) + (1,) * (tensor.dim() - 1 - trailing)
@@ -308,8 +314,8 @@ class LinearRunner:
         """A frozen BatchNorm with each sample's composed scale and shift, as one pass over ``x``.
 
         Why: the BatchNorm's own pass followed by its per-sample correction reads and writes the
-        activations three times; with running statistics the whole module is x * m_s + o_s, where
-        m_s = (gamma_0 + dgamma_s) / std and o_s = beta_0 + dbeta_s - mean * m_s.
+        activations three times; with running statistics the module is one normalisation whose affine
+        scale gamma_0 + dgamma_s and shift beta_0 + dbeta_s differ by sample.
         """
         batch = flat.shape[0]
         if x.shape[0] != batch:
@@ -322,14 +328,44 @@ class LinearRunner:
         scale = (module.weight.to(x.dtype) if module.weight is not None else x.new_ones(channels)).expand(batch, -1)
         if weight is not None:
             scale = scale + flat[:, weight.index].to(x.dtype) @ weight.tensors.flatten(1)
-        multiplier = scale * torch.rsqrt(module.running_var + module.eps).to(x.dtype)
-        offset = -multiplier * module.running_mean.to(x.dtype)
-        if module.bias is not None:
-            offset = offset + module.bias.to(x.dtype)
+        shift = (module.bias.to(x.dtype) if module.bias is not None else x.new_zeros(channels)).expand(batch, -1)
         if bias is not None:
-            offset = offset + flat[:, bias.index].to(x.dtype) @ bias.tensors.flatten(1)
-        shape = (batch, -1, *(1,) * (x.dim() - 2))
-        return torch.addcmul(offset.view(shape), x, multiplier.view(shape))
+            shift = shift + flat[:, bias.index].to(x.dtype) @ bias.tensors.flatten(1)
+        # The batch as one sample of B * C channels: the library's own normalisation kernel, per-sample affine.
+        out = F.batch_norm(x.reshape(1, batch * channels, *x.shape[2:]), module.running_mean.repeat(batch),
+                           module.running_var.repeat(batch), scale.reshape(-1), shift.reshape(-1), False, 0.0,
+                           module.eps)
+        return out.view(x.shape)
+
+    @staticmethod
+    def _per_sample_depthwise(module: nn.Module, x: Tensor, plan: dict[str, _Basis], flat: Tensor) -> Tensor:
+        """A depthwise convolution with each sample's composed weights, as one convolution over the batch.
+
+        Why: a depthwise kernel is C x k x k numbers against C x H x W activations per sample, so composing
+        every sample's kernel costs next to nothing, and the batch viewed as one image of B * C channels
+        with B * C groups runs in about the time of the shared convolution, where the sub-batch corrections
+        cost more than the convolution itself.
+        """
+        batch = flat.shape[0]
+        if x.dim() != 4 or x.shape[0] != batch:
+            raise ValueError(
+                f"{type(module).__name__} received input of shape {tuple(x.shape)}, expected ({batch}, C, H, W): "
+                "the linearity runner needs batch-first activations (use method='vmap')"
+            )
+        weight, bias = plan.get("weight"), plan.get("bias")
+        kernels = module.weight.to(x.dtype).reshape(1, -1).expand(batch, -1)
+        if weight is not None:
+            kernels = kernels + flat[:, weight.index].to(x.dtype) @ weight.tensors.flatten(1)
+        shifts = None if module.bias is None else module.bias.to(x.dtype).expand(batch, -1)
+        if bias is not None:
+            extra = flat[:, bias.index].to(x.dtype) @ bias.tensors
+            shifts = extra if shifts is None else shifts + extra
+        groups = batch * module.groups
+        out = F.conv2d(x.reshape(1, batch * x.shape[1], *x.shape[2:]),
+                       kernels.reshape(batch * module.out_channels, *module.weight.shape[1:]),
+                       None if shifts is None else shifts.reshape(-1),
+                       module.stride, module.padding, module.dilation, groups)
+        return out.view(batch, module.out_channels, *out.shape[2:])
 
     @staticmethod
     def _correction(
@@ -415,9 +451,12 @@ class LinearRunner:
             return hook
 
         def folded_for(prefix: str, module: nn.Module) -> Callable:
+            run = self._folded_batch_norm if isinstance(module, nn.modules.batchnorm._BatchNorm) \
+                else self._per_sample_depthwise
+
             def forward(input: Tensor) -> Tensor:
                 fired.add(prefix)
-                return self._folded_batch_norm(module, input, plan[prefix], flat)
+                return run(module, input, plan[prefix], flat)
 
             return forward
 
@@ -426,9 +465,9 @@ class LinearRunner:
             for prefix, (module, kind, _attrs) in self.modules.items():
                 if prefix not in plan:
                     continue
-                # A frozen BatchNorm runs as its folded per-sample affine map for this call (the instance
-                # attribute is deleted below, which restores the class's forward).
-                if kind == "batch_norm":
+                # A frozen BatchNorm (its per-sample affine map) and a depthwise convolution (per-sample kernels)
+                # run whole for this call; deleting the instance attribute below restores the class's forward.
+                if kind == "batch_norm" or _depthwise(module):
                     module.forward = folded_for(prefix, module)  # type: ignore[method-assign]
                     folded.append(module)
                 else:
