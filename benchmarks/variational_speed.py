@@ -5,6 +5,7 @@ per-sample executor sets the cost of the whole method. This prints, per model / 
 milliseconds per batch of
 
 * ``merged``   -- a plain network with one composition baked in (the floor: what aTLAS costs at test time),
+* ``features`` -- the pre-trained network, which a variational prediction also runs for its features,
 * ``shared``   -- ``Composer.forward`` with one coefficient matrix for the whole batch,
 * ``vmap/cK``  -- :class:`~taskvec.variational.persample.VmapRunner`, K samples per vmap chunk,
 * ``linear``   -- :class:`~taskvec.variational.persample.LinearRunner`, dense hooks (every product),
@@ -13,7 +14,8 @@ milliseconds per batch of
 
 in inference (``infer``: no grad) and training (``train``: forward + backward to the coefficients), with
 the ratio of CPU time to ``merged`` inference (CPU time, since wall time also counts waiting for cores
-other jobs hold), the matmul/conv GFLOP of one forward call, and the weight-sized memory the
+other jobs hold; ``ratio`` compares fastest rounds, ``paired`` is the median over rounds of the same-round
+ratio), the matmul/conv GFLOP of one forward call, and the weight-sized memory the
 method holds (vmap: one composed copy per sample of a chunk; linear: the basis, about one more bank).
 ViT banks leave out ``cls_token`` / ``pos_embed`` so that both runners compose the same blocks (the
 linearity runner refuses parameters used outside a Linear/Conv/Norm module).
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from collections.abc import Callable
 
@@ -50,7 +53,7 @@ MODEL_KWARGS: dict[str, dict] = {"tiny_cnn": {"width": 32}}
 RESOLUTION = {"tiny_cnn": 32, "vit_small": 32, "tiny_vit": 16, "mobilenet_v2": 64}
 HEADER = (
     f"{'method':<9} {'mode':<5} {'model':<12} {'batch':>5} {'n':>3} {'ms/batch':>10} {'cpu ms':>9} {'ratio':>7} "
-    f"{'GFLOP':>7} {'weights MB':>10}"
+    f"{'paired':>7} {'GFLOP':>7} {'weights MB':>10}"
 )
 
 
@@ -109,6 +112,7 @@ def cases_for(
         per_sample = torch.where(torch.rand(per_sample.shape, generator=generator) < kept, per_sample, 0.0)
     cases: list[tuple[str, str, Callable[[], None]]] = [
         ("merged", "infer", _infer(lambda: merged(x))),
+        ("features", "infer", _infer(lambda: composer.base(x))),  # the pre-trained pass a prediction also runs
         ("shared", "infer", _infer(lambda: composer(x, coefficients=shared))),
         ("shared", "train", _train(lambda c: composer(x, coefficients=c), shared)),
     ]
@@ -146,15 +150,17 @@ def gflops(fn: Callable[[], None]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def measure(cases: list[tuple[str, str, Callable[[], None]]], rounds: int, seconds: float) -> list[tuple[float, float]]:
-    """(best wall ms, its CPU ms) per case, round-robin after one warm-up round.
+def measure(cases: list[tuple[str, str, Callable[[], None]]], rounds: int, seconds: float
+            ) -> list[list[tuple[float, float]]]:
+    """(wall ms, CPU ms) of every round per case, round-robin after one warm-up round.
 
     At least ``rounds`` rounds, more until ``seconds`` have passed: on a shared CPU the minimum of many
-    interleaved rounds is the closest thing to an unloaded measurement.
+    interleaved rounds is the closest thing to an unloaded measurement, and the median of same-round
+    ratios is the steadiest comparison when the machine's speed drifts between rounds.
     """
     for _label, _mode, fn in cases:
         fn()
-    best = [(float("inf"), float("inf"))] * len(cases)
+    runs: list[list[tuple[float, float]]] = [[] for _ in cases]
     started = time.perf_counter()
     done = 0
     while done < rounds or time.perf_counter() - started < seconds:
@@ -162,10 +168,8 @@ def measure(cases: list[tuple[str, str, Callable[[], None]]], rounds: int, secon
         for k, (_label, _mode, fn) in enumerate(cases):
             wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            wall, cpu = 1000 * (time.perf_counter() - wall), 1000 * (time.process_time() - cpu)
-            if wall < best[k][0]:
-                best[k] = (wall, cpu)
-    return best
+            runs[k].append((1000 * (time.perf_counter() - wall), 1000 * (time.process_time() - cpu)))
+    return runs
 
 
 def run(
@@ -183,9 +187,11 @@ def run(
             for batch in batches:
                 x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
                 cases = cases_for(composer, x, chunks, kept)
-                timings = measure(cases, rounds, seconds)
+                runs = measure(cases, rounds, seconds)
+                timings = [min(case_runs) for case_runs in runs]  # the fastest round (wall) and its CPU time
                 floor = timings[0][1]
-                for (label, mode, fn), (ms, cpu) in zip(cases, timings, strict=True):
+                merged_cpu = [cpu for _wall, cpu in runs[0]]
+                for (label, mode, fn), (ms, cpu), case_runs in zip(cases, timings, runs, strict=True):
                     # FlopCounterMode miscounts the backward of vmap's batched (grouped) convolutions,
                     # so only forward passes get a count.
                     flop = gflops(fn) if mode == "infer" else float("nan")
@@ -198,6 +204,7 @@ def run(
                         "ms": ms,
                         "cpu_ms": cpu,
                         "ratio": cpu / floor,
+                        "paired": statistics.median(c / m for (_w, c), m in zip(case_runs, merged_cpu, strict=True)),
                         "gflop": flop,
                         "mb": extra_weights_mb(label, composer, batch),
                     }
@@ -205,10 +212,24 @@ def run(
                     shown = f"{flop:>7.2f}" if mode == "infer" else f"{'-':>7}"
                     print(
                         f"{label:<9} {mode:<5} {name:<12} {batch:>5} {n:>3} {ms:>10.1f} {cpu:>9.1f} "
-                        f"{row['ratio']:>7.2f} {shown} {row['mb']:>10.1f}",
+                        f"{row['ratio']:>7.2f} {row['paired']:>7.2f} {shown} {row['mb']:>10.1f}",
                         flush=True,
                     )
+                whole = _whole_prediction(cases, runs)
+                if whole is not None:
+                    print(f"whole gated prediction (auto infer + features) / merged, median of {len(merged_cpu)} "
+                          f"same-round ratios: {whole:.2f}", flush=True)
     return rows
+
+
+def _whole_prediction(cases: list[tuple[str, str, Callable[[], None]]], runs: list[list[tuple[float, float]]]
+                      ) -> float | None:
+    """What a variational prediction costs: the gated pass plus the pre-trained pass for the features."""
+    index = {(label, mode): k for k, (label, mode, _fn) in enumerate(cases)}
+    if ("auto", "infer") not in index or ("features", "infer") not in index:
+        return None
+    auto, features, merged = runs[index["auto", "infer"]], runs[index["features", "infer"]], runs[0]
+    return statistics.median((a[1] + f[1]) / m[1] for a, f, m in zip(auto, features, merged, strict=True))
 
 
 def main() -> None:
