@@ -314,8 +314,8 @@ class LinearRunner:
         """A frozen BatchNorm with each sample's composed scale and shift, as one pass over ``x``.
 
         Why: the BatchNorm's own pass followed by its per-sample correction reads and writes the
-        activations three times; with running statistics the module is one normalisation whose affine
-        scale gamma_0 + dgamma_s and shift beta_0 + dbeta_s differ by sample.
+        activations three times; with running statistics the whole module is x * m_s + o_s, where
+        m_s = (gamma_0 + dgamma_s) / std and o_s = beta_0 + dbeta_s - mean * m_s.
         """
         batch = flat.shape[0]
         if x.shape[0] != batch:
@@ -331,11 +331,12 @@ class LinearRunner:
         shift = (module.bias.to(x.dtype) if module.bias is not None else x.new_zeros(channels)).expand(batch, -1)
         if bias is not None:
             shift = shift + flat[:, bias.index].to(x.dtype) @ bias.tensors.flatten(1)
-        # The batch as one sample of B * C channels: the library's own normalisation kernel, per-sample affine.
-        out = F.batch_norm(x.reshape(1, batch * channels, *x.shape[2:]), module.running_mean.repeat(batch),
-                           module.running_var.repeat(batch), scale.reshape(-1), shift.reshape(-1), False, 0.0,
-                           module.eps)
-        return out.view(x.shape)
+        multiplier = scale * torch.rsqrt(module.running_var + module.eps).to(x.dtype)
+        offset = torch.addcmul(shift, multiplier, module.running_mean.to(x.dtype), value=-1)
+        shape = (batch, channels, *(1,) * (x.dim() - 2))
+        if x[0, 0].numel() <= 4:  # tiny maps: one fused pass wins; on larger ones it ran ~2x slower than two
+            return torch.addcmul(offset.view(shape), x, multiplier.view(shape))
+        return (x * multiplier.view(shape)).add_(offset.view(shape))
 
     @staticmethod
     def _per_sample_depthwise(module: nn.Module, x: Tensor, plan: dict[str, _Basis], flat: Tensor) -> Tensor:
