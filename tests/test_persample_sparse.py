@@ -239,3 +239,24 @@ def test_a_module_whose_forward_is_replaced_on_the_instance_is_refused():
     composer = Composer(base, bank, "block", copy_base=False)
     with pytest.raises(UnsupportedModuleError, match="BatchNorm2d 'bn'"):
         LinearRunner(composer)
+
+
+def test_pointwise_gemm_with_more_threads_covers_larger_maps():
+    from taskvec.variational import persample
+
+    base, bank = _pointwise_bank(6)
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # 8x8 maps after the stem
+    composer = Composer(base, bank, "block")
+    coefficients = _gated(6, 3, composer.layout.num_columns, 0.3, seed=5)
+    expected = _per_sample_oracle(composer, bank, x, coefficients)
+    maps = torch.zeros(6, 6, 8, 8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert not persample._pointwise(composer.base.expand, maps)  # 64 pixels: the convolution, one thread
+        torch.set_num_threads(2)
+        assert persample._pointwise(composer.base.expand, maps)
+        with torch.no_grad():
+            assert torch.allclose(LinearRunner(composer, sparse=True)(x, coefficients), expected, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)

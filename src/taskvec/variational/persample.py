@@ -132,18 +132,23 @@ def _supported_kind(module: nn.Module) -> str | None:
     return None
 
 
-POINTWISE_GEMM_PIXELS = 16  # 1x1 convs on at most this many pixels per sample run as one GEMM over the sub-batch
+POINTWISE_GEMM_PIXELS = 16  # single-threaded, 1x1 convs on at most this many pixels run as one GEMM
 
 
 def _pointwise(module: nn.Module, x: Tensor) -> bool:
-    """True for a plain 1x1 Conv2d (stride 1, no padding, one group) on small feature maps.
+    """True where a plain 1x1 Conv2d (stride 1, no padding, one group) on a CPU sub-batch is best run as
+    one GEMM over all its samples and pixels.
 
-    Why: there a convolution is one skinny GEMM per sample (n = pixels); single-threaded CPU PyTorch
-    then reads the weight once per sample and ran ~7x slower than one GEMM over the whole sub-batch.
+    Why (measured on MobileNetV2's shapes, sub-batches of ~7 samples): single-threaded, PyTorch runs such
+    a convolution as one skinny GEMM per sample, which on maps of a few pixels reads the weight once per
+    sample and ran ~7x slower than one GEMM; on larger maps it was faster than the GEMM. With more threads
+    it uses oneDNN, and one GEMM was as fast or faster at every size.
     """
-    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
+    if not (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
             and module.dilation == (1, 1) and module.groups == 1 and module.padding in ((0, 0), "valid")
-            and x.dim() == 4 and x.shape[2] * x.shape[3] <= POINTWISE_GEMM_PIXELS)
+            and x.dim() == 4 and x.device.type == "cpu"):
+        return False
+    return torch.get_num_threads() > 1 or x.shape[2] * x.shape[3] <= POINTWISE_GEMM_PIXELS
 
 
 def _pointwise_gemm(x: Tensor, weight: Tensor) -> Tensor:
