@@ -510,11 +510,13 @@ DEFAULT_METHOD = "vmap"
 class AutoRunner:
     """vmap with gradients (training on relaxed samples), the sparse linearity runner without (gated inference).
 
-    Why: a relaxed spike-and-slab sample has no exact zeros, and there vmap's per-sample weights beat
-    the hooks (benchmarks/variational_speed.py); the gate zeroes ~90% of the coefficients, and then the
-    sparse hooks do a tenth of the dense runner's extra products on the batched activations, while
-    vmap still builds one full set of weights per sample. The linearity runner is used only where it
-    applies and, once, after agreeing with vmap on two samples; otherwise everything runs on vmap.
+    Why: the gate zeroes ~90% of the coefficients, and then the sparse hooks do a tenth of the dense
+    runner's extra products on the batched activations, while vmap still builds one full set of weights
+    per sample. A relaxed spike-and-slab sample has no exact zeros; training stays on vmap, which the
+    recorded variational results were trained with, although since the depthwise and BatchNorm paths
+    (results/variational_speed.md) the dense hooks train faster on MobileNetV2 (10.8-12.9x a merged pass
+    against 12.5-19.0x). The linearity runner is used only where it applies and, once, after agreeing with
+    vmap on two samples; otherwise everything runs on vmap.
     """
 
     def __init__(self, composer: Composer, chunk_size: int | None = 8) -> None:
@@ -561,9 +563,10 @@ def make_runner(
 ) -> VmapRunner | LinearRunner | AutoRunner:
     """``vmap``, ``linear`` (sparse hooks when most coefficients are zero), or ``auto`` (:class:`AutoRunner`).
 
-    On CPU (benchmarks/variational_speed.py) vmap matches or beats the dense linearity runner when
-    coefficients are dense (training), with chunks of 8 samples; with gated coefficients the sparse
-    hooks win, which ``auto`` exploits by switching on whether gradients are needed.
+    On CPU (benchmarks/variational_speed.py) with gated coefficients the sparse hooks win by far, which
+    ``auto`` exploits by switching on whether gradients are needed; with dense coefficients (training)
+    the dense hooks now also beat vmap on convolutional networks, but ``auto`` keeps vmap there (see
+    :class:`AutoRunner`); pass ``linear`` to train through the hooks.
     """
     if method == "auto":
         return AutoRunner(composer, chunk_size)
