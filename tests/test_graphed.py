@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -212,3 +213,13 @@ def test_cuda_graph_gradient_matches_an_fp64_oracle(base, bank, images):
     oracle(images.double()).square().mean().backward()
     torch.testing.assert_close(graphed.coefficients.grad.double().cpu(), oracle.coefficients.grad,
                                rtol=1e-4, atol=1e-6)
+
+
+def test_coefficients_composed_last_are_not_kept_alive(on_cpu, base, bank, images):
+    graphed = Composer(base, bank, init=0.3, cuda_graphs=True)
+    scaled = graphed.coefficients.detach() * 2
+    reference = weakref.ref(scaled)
+    with torch.no_grad():
+        graphed(images, coefficients=scaled)
+    del scaled
+    assert reference() is None

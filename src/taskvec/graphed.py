@@ -24,6 +24,7 @@ so outputs and coefficient gradients are those of the eager path. What changes, 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -107,7 +108,7 @@ class GraphedComposition:
         plan = entry_plan(entries, self.device)
         self.coefficients = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         self.grads = tuple(torch.zeros_like(base) for base in bases)
-        self._last: tuple[Tensor, int] | None = None  # the coefficients last composed and their version
+        self._last: tuple[weakref.ref, int] | None = None  # the coefficients last composed and their version
         ctx = SimpleNamespace()
 
         def forward() -> Outputs:
@@ -150,9 +151,10 @@ class GraphedComposition:
         with torch.no_grad():
             self.coefficients.copy_(coefficients)
             self._forward.replay()  # always: values written through .data or fused optimisers move no version
-        if self._last is None or self._last[0] is not coefficients or self._last[1] != coefficients._version:
+        if self._last is None or self._last[0]() is not coefficients or self._last[1] != coefficients._version:
             increment_version(list(self.outputs))  # blocks saved from other coefficients are stale now
-            self._last = (coefficients, coefficients._version)  # held, so no new tensor reuses its address
+            # A weak reference: a tensor that died (and whose memory a new one reuses) never compares equal.
+            self._last = (weakref.ref(coefficients), coefficients._version)
         return self.outputs
 
     def contract(self, grads: Sequence[Tensor | None]) -> Tensor:
