@@ -164,6 +164,20 @@ def _depthwise(module: nn.Module) -> bool:
             and module.padding_mode == "zeros")
 
 
+def _check_batch_first(module: nn.Module, x: Tensor, batch: int) -> None:
+    if x.shape[0] != batch:
+        raise ValueError(
+            f"{type(module).__name__} received input with leading dim {x.shape[0]}, expected the batch "
+            f"size {batch}: the linearity runner needs batch-first activations (use method='vmap')"
+        )
+
+
+def _per_sample(own: Tensor, basis: _Basis | None, flat: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, numel): a module's own parameter ``own`` plus each sample's composed delta (none without a basis)."""
+    value = own.to(dtype).reshape(1, -1).expand(flat.shape[0], -1)
+    return value if basis is None else value + flat[:, basis.index].to(dtype) @ basis.tensors.flatten(1)
+
+
 def _lead(batch: int, tensor: Tensor, trailing: int) -> tuple[int, ...]:
     """View shape that puts ``batch`` first and broadcasts over the middle dims of ``tensor``."""
     return (batch,) + (1,) * (tensor.dim() - 1 - trailing)
@@ -331,19 +345,12 @@ class LinearRunner:
         m_s = (gamma_0 + dgamma_s) / std and o_s = beta_0 + dbeta_s - mean * m_s.
         """
         batch = flat.shape[0]
-        if x.shape[0] != batch:
-            raise ValueError(
-                f"{type(module).__name__} received input with leading dim {x.shape[0]}, expected the batch "
-                f"size {batch}: the linearity runner needs batch-first activations (use method='vmap')"
-            )
-        weight, bias = plan.get("weight"), plan.get("bias")
+        _check_batch_first(module, x, batch)
         channels = module.running_mean.shape[0]
-        scale = (module.weight.to(x.dtype) if module.weight is not None else x.new_ones(channels)).expand(batch, -1)
-        if weight is not None:
-            scale = scale + flat[:, weight.index].to(x.dtype) @ weight.tensors.flatten(1)
-        shift = (module.bias.to(x.dtype) if module.bias is not None else x.new_zeros(channels)).expand(batch, -1)
-        if bias is not None:
-            shift = shift + flat[:, bias.index].to(x.dtype) @ bias.tensors.flatten(1)
+        gamma = module.weight if module.weight is not None else x.new_ones(channels)
+        beta = module.bias if module.bias is not None else x.new_zeros(channels)
+        scale = _per_sample(gamma, plan.get("weight"), flat, x.dtype)
+        shift = _per_sample(beta, plan.get("bias"), flat, x.dtype)
         multiplier = scale * torch.rsqrt(module.running_var + module.eps).to(x.dtype)
         offset = torch.addcmul(shift, multiplier, module.running_mean.to(x.dtype), value=-1)
         shape = (batch, channels, *(1,) * (x.dim() - 2))
@@ -366,14 +373,10 @@ class LinearRunner:
                 f"{type(module).__name__} received input of shape {tuple(x.shape)}, expected ({batch}, C, H, W): "
                 "the linearity runner needs batch-first activations (use method='vmap')"
             )
-        weight, bias = plan.get("weight"), plan.get("bias")
-        kernels = module.weight.to(x.dtype).reshape(1, -1).expand(batch, -1)
-        if weight is not None:
-            kernels = kernels + flat[:, weight.index].to(x.dtype) @ weight.tensors.flatten(1)
-        shifts = None if module.bias is None else module.bias.to(x.dtype).expand(batch, -1)
-        if bias is not None:
-            extra = flat[:, bias.index].to(x.dtype) @ bias.tensors
-            shifts = extra if shifts is None else shifts + extra
+        kernels = _per_sample(module.weight, plan.get("weight"), flat, x.dtype)
+        own_bias = module.bias if module.bias is not None else x.new_zeros(module.out_channels)
+        shifts = None if module.bias is None and "bias" not in plan else _per_sample(own_bias, plan.get("bias"), flat,
+                                                                                     x.dtype)
         groups = batch * module.groups
         out = F.conv2d(x.reshape(1, batch * x.shape[1], *x.shape[2:]),
                        kernels.reshape(batch * module.out_channels, *module.weight.shape[1:]),
@@ -388,11 +391,7 @@ class LinearRunner:
         batch = flat.shape[0]
         if kind == "embedding":
             return LinearRunner._embedding_correction(x, plan["weight"], flat)
-        if x.shape[0] != batch:
-            raise ValueError(
-                f"{type(module).__name__} received input with leading dim {x.shape[0]}, expected the batch "
-                f"size {batch}: the linearity runner needs batch-first activations (use method='vmap')"
-            )
+        _check_batch_first(module, x, batch)
         weight, bias = plan.get("weight"), plan.get("bias")
         total: Tensor | None = None
         if sparse and weight is not None and kind in ("linear", "conv"):
