@@ -195,8 +195,8 @@ def test_depthwise_convs_run_with_per_sample_kernels(sparse, monkeypatch):
     coefficients = _gated(7, 3, composer.layout.num_columns, 0.3, seed=10)
     expected = _per_sample_oracle(composer, bank, x, coefficients)
     calls = []
-    original = LinearRunner._per_sample_depthwise
-    monkeypatch.setattr(LinearRunner, "_per_sample_depthwise",
+    original = LinearRunner._sample_weights_product
+    monkeypatch.setattr(LinearRunner, "_sample_weights_product",
                         staticmethod(lambda module, *a: calls.append(module) or original(module, *a)))
     runner = LinearRunner(composer, sparse=sparse)
     with torch.no_grad():
@@ -260,3 +260,114 @@ def test_pointwise_gemm_with_more_threads_covers_larger_maps():
             assert torch.allclose(LinearRunner(composer, sparse=True)(x, coefficients), expected, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+class _Tokens(torch.nn.Module):
+    """Linear layers on 96 tokens per sample around a LayerNorm, then a Conv1d over the tokens (stride 2)
+    and a per-token Linear without a composed bias: the shapes where per-sample weights pay."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(5, 8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.mix = torch.nn.Conv1d(8, 6, 3, stride=2, padding=1)
+        self.out = torch.nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(torch.tanh(self.embed(x)))  # (B, 96, 8)
+        h = self.mix(h.transpose(1, 2)).transpose(1, 2)  # (B, 48, 6)
+        return self.out(h).flatten(1)
+
+
+def _tokens_composer(seed: int, blocks: list[str] | None = None) -> tuple[Composer, list[TaskVector]]:
+    torch.manual_seed(seed)
+    base = _Tokens()
+    generator = torch.Generator().manual_seed(seed + 1)
+    bank = []
+    for i in range(3):
+        tuned = copy.deepcopy(base)
+        with torch.no_grad():
+            for param in tuned.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+        bank.append(TaskVector.from_models(base, tuned, name=f"k{i}"))
+    return Composer(base, bank, "block", blocks=blocks), bank
+
+
+@pytest.mark.parametrize("kept", [0.5, 1.0])
+def test_linear_and_conv_on_many_positions_run_with_per_sample_weights(kept, monkeypatch):
+    """Linears on 96 and 48 tokens and a strided Conv1d on 96 positions take the per-sample weights (one batched
+    product, one convolution with the samples as groups); outputs equal the hand-written oracle, gradients
+    vmap's, sparse and dense, gated and all kept."""
+    composer, bank = _tokens_composer(0)
+    x = torch.randn(6, 96, 5, generator=torch.Generator().manual_seed(1))
+    coefficients = _gated(6, 3, composer.layout.num_columns, kept, seed=2)
+    expected = _per_sample_oracle(composer, bank, x, coefficients)
+    calls: list[torch.nn.Module] = []
+    original = LinearRunner._sample_weights_product
+    monkeypatch.setattr(LinearRunner, "_sample_weights_product",
+                        staticmethod(lambda module, *a: calls.append(module) or original(module, *a)))
+    for sparse in (True, False):
+        runner = LinearRunner(composer, sparse=sparse)
+        calls.clear()
+        with torch.no_grad():
+            assert torch.allclose(runner(x, coefficients), expected, atol=1e-5), sparse
+        base = composer.base
+        assert {id(m) for m in calls} == {id(base.embed), id(base.mix), id(base.out)}, sparse
+        leaf = coefficients.clone().requires_grad_(True)
+        out = runner(x, leaf)
+        assert torch.allclose(out.detach(), expected, atol=1e-5)
+        out.square().sum().backward()
+        reference = coefficients.clone().requires_grad_(True)
+        VmapRunner(composer, None)(x, reference).square().sum().backward()
+        assert torch.allclose(leaf.grad, reference.grad, atol=1e-4), sparse
+
+
+def test_per_sample_weights_keep_an_uncomposed_bias_and_skip_modules_with_nothing_kept(monkeypatch):
+    """``out.bias`` stays theta_0 (not composed) and must still be added; a module whose kept components are
+    all zero for the whole batch runs its shared product only."""
+    composer, bank = _tokens_composer(3, blocks=["embed.weight", "mix.weight", "mix.bias", "out.weight"])
+    x = torch.randn(4, 96, 5, generator=torch.Generator().manual_seed(4))
+    coefficients = _gated(4, 3, composer.layout.num_columns, 0.5, seed=5)
+    column = int(composer.layout.blocks["embed.weight"].columns[0])
+    coefficients[:, :, column] = 0.0  # nothing kept for the embedding
+    expected = _per_sample_oracle(composer, bank, x, coefficients)
+    calls: list[torch.nn.Module] = []
+    original = LinearRunner._sample_weights_product
+    monkeypatch.setattr(LinearRunner, "_sample_weights_product",
+                        staticmethod(lambda module, *a: calls.append(module) or original(module, *a)))
+    with torch.no_grad():
+        assert torch.allclose(LinearRunner(composer, sparse=True)(x, coefficients), expected, atol=1e-5)
+    assert composer.base.embed not in calls and composer.base.out in calls
+
+
+def test_one_by_one_convs_on_large_maps_run_as_a_batched_product_and_small_ones_keep_the_corrections(monkeypatch):
+    from taskvec.variational import persample
+
+    base, bank = _pointwise_bank(7)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(8))  # 8x8 maps after the stem
+    composer = Composer(base, bank, "block")
+    coefficients = _gated(5, 3, composer.layout.num_columns, 0.3, seed=9)
+    expected = _per_sample_oracle(composer, bank, x, coefficients)
+    calls: list[torch.nn.Module] = []
+    original = LinearRunner._sample_weights_product
+    monkeypatch.setattr(LinearRunner, "_sample_weights_product",
+                        staticmethod(lambda module, *a: calls.append(module) or original(module, *a)))
+    products = []
+    bmm = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: products.append(1) or bmm(*a, **k))
+    with torch.no_grad():
+        assert torch.allclose(LinearRunner(composer, sparse=True)(x, coefficients), expected, atol=1e-5)
+    net = composer.base
+    assert net.stem in calls and net.expand in calls and net.depthwise in calls and products  # 64 pixels
+    assert net.project not in calls  # 4x4 maps after the stride-2 conv, ~1 kept component: corrections
+    maps = torch.zeros(5, 6, 4, 4)
+    assert not persample._with_sample_weights(net.expand, "conv", maps, 5, 1.0)  # 16 positions x 1
+    assert persample._with_sample_weights(net.expand, "conv", maps, 5, 2.0)
+    assert not persample._with_sample_weights(net.expand, "conv", maps, 5, 0.0)
+    assert not persample._with_sample_weights(net.reflected, "conv", torch.zeros(5, 24, 16, 16), 5, 3.0)
+    monkeypatch.setattr(persample, "PER_SAMPLE_BYTES", 5 * 12 * 6 * 4 - 1)  # under 5 samples' expand weights
+    assert not persample._with_sample_weights(net.expand, "conv", maps, 5, 2.0)
+    calls.clear()
+    with torch.no_grad():
+        assert torch.allclose(LinearRunner(composer, sparse=True)(x, coefficients), expected, atol=1e-5)
+    assert not calls  # every weight of this net is at least as large: all corrections
