@@ -371,3 +371,26 @@ def test_one_by_one_convs_on_large_maps_run_as_a_batched_product_and_small_ones_
     with torch.no_grad():
         assert torch.allclose(LinearRunner(composer, sparse=True)(x, coefficients), expected, atol=1e-5)
     assert not calls  # every weight of this net is at least as large: all corrections
+
+
+def test_batchnorm_fold_on_large_maps_runs_batchnorms_own_kernel(monkeypatch):
+    """On maps of >= 256 pixels the per-sample scale and shift run through F.batch_norm over B x C channels
+    with zero mean and unit variance: outputs equal the oracle, gradients vmap's."""
+    base, bank = _pointwise_bank(8)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(10))  # 16x16 maps at the BatchNorm
+    composer = Composer(base, bank, "block")
+    coefficients = _gated(3, 3, composer.layout.num_columns, 0.5, seed=11)
+    expected = _per_sample_oracle(composer, bank, x, coefficients)
+    widths = []
+    original = torch.nn.functional.batch_norm
+    monkeypatch.setattr(torch.nn.functional, "batch_norm",
+                        lambda t, *a, **k: widths.append(t.shape[1]) or original(t, *a, **k))
+    runner = LinearRunner(composer, sparse=True)
+    with torch.no_grad():
+        assert torch.allclose(runner(x, coefficients), expected, atol=1e-5)
+    assert widths == [3 * 12]
+    leaf = coefficients.clone().requires_grad_(True)
+    runner(x, leaf).square().sum().backward()
+    reference = coefficients.clone().requires_grad_(True)
+    VmapRunner(composer, None)(x, reference).square().sum().backward()
+    assert torch.allclose(leaf.grad, reference.grad, atol=1e-4)
