@@ -394,3 +394,48 @@ def test_batchnorm_fold_on_large_maps_runs_batchnorms_own_kernel(monkeypatch):
     reference = coefficients.clone().requires_grad_(True)
     VmapRunner(composer, None)(x, reference).square().sum().backward()
     assert torch.allclose(leaf.grad, reference.grad, atol=1e-4)
+
+
+class _TwoNorms(torch.nn.Module):
+    """BatchNorms of two widths (6 and 12), so the stacked per-sample scale and shift are padded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(6)
+        self.expand = torch.nn.Conv2d(6, 12, 1)
+        self.bn2 = torch.nn.BatchNorm2d(12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.expand(torch.relu(self.bn1(self.conv(x))))).mean((2, 3))
+
+
+def test_batchnorms_of_different_widths_with_partly_composed_parameters_and_changed_statistics():
+    """bn1 composes only its bias, bn2 only its weight; then a running statistic changes in place between two
+    calls, and the stacked table must follow it. Every output against the hand-written oracle."""
+    torch.manual_seed(12)
+    base = _TwoNorms().eval()
+    generator = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for bn in (base.bn1, base.bn2):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=generator))
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
+            bn.weight.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
+            bn.bias.copy_(torch.randn(bn.num_features, generator=generator))
+    bank = []
+    for i in range(3):
+        tuned = copy.deepcopy(base)
+        with torch.no_grad():
+            for param in tuned.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
+        bank.append(TaskVector.from_models(base, tuned, name=f"b{i}"))
+    composer = Composer(base, bank, "block", blocks=["conv.weight", "bn1.bias", "expand.weight", "bn2.weight"])
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(14))
+    coefficients = _gated(4, 3, composer.layout.num_columns, 0.5, seed=15)
+    runner = LinearRunner(composer, sparse=True)
+    with torch.no_grad():
+        assert torch.allclose(runner(x, coefficients), _per_sample_oracle(composer, bank, x, coefficients), atol=1e-5)
+        composer.base.bn2.running_mean.add_(1.0)
+        composer.base.bn1.running_var.mul_(2.0)
+        changed = _per_sample_oracle(composer, bank, x, coefficients)
+        assert torch.allclose(runner(x, coefficients), changed, atol=1e-5)
