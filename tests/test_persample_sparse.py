@@ -366,7 +366,10 @@ def test_one_by_one_convs_on_large_maps_run_as_a_batched_product_and_small_ones_
     assert not persample._with_sample_weights(net.expand, "conv", maps, 5, 0.0)
     assert not persample._with_sample_weights(net.reflected, "conv", torch.zeros(5, 24, 16, 16), 5, 3.0)
     monkeypatch.setattr(persample, "PER_SAMPLE_BYTES", 5 * 12 * 6 * 4 - 1)  # under 5 samples' expand weights
-    assert not persample._with_sample_weights(net.expand, "conv", maps, 5, 2.0)
+    assert not persample._with_sample_weights(net.expand, "conv", maps, 5, 2.0)  # large: 32 < 128 per sample
+    assert persample._with_sample_weights(net.expand, "conv", maps, 5, 8.0)
+    monkeypatch.setattr(persample, "LARGE_PER_SAMPLE_BYTES", 5 * 12 * 6 * 4 - 1)
+    assert not persample._with_sample_weights(net.expand, "conv", maps, 5, 8.0)  # too large at any work
     calls.clear()
     with torch.no_grad():
         assert torch.allclose(LinearRunner(composer, sparse=True)(x, coefficients), expected, atol=1e-5)
