@@ -723,10 +723,10 @@ class AutoRunner:
     Why: the gate zeroes ~90% of the coefficients, and then the sparse hooks do a tenth of the dense
     runner's extra products on the batched activations, while vmap still builds one full set of weights
     per sample. A relaxed spike-and-slab sample has no exact zeros; training stays on vmap, which the
-    recorded variational results were trained with, although since the depthwise and BatchNorm paths
-    (results/variational_speed.md) the dense hooks train faster on MobileNetV2 (10.8-12.9x a merged pass
-    against 12.5-19.0x). The linearity runner is used only where it applies and, once, after agreeing with
-    vmap on two samples; otherwise everything runs on vmap.
+    recorded variational results were trained with, although since the per-sample weights, depthwise and
+    BatchNorm paths (results/variational_speed.md) the dense hooks train faster on MobileNetV2 (7.9-10.4x a
+    merged pass against vmap's 14.4-20.7x, one and two threads). The linearity runner is used only where it
+    applies and, once, after agreeing with vmap on two samples; otherwise everything runs on vmap.
     """
 
     def __init__(self, composer: Composer, chunk_size: int | None = 8) -> None:
