@@ -211,7 +211,7 @@ def _with_sample_weights(module: nn.Module, kind: str, x: Tensor, batch: int, co
 
     Why: composing one weight per sample costs about one weight-sized write per sample, the corrections
     ``components`` products per position. Measured on MobileNetV2's 1x1 convolutions (batch 64, 6 vectors,
-    two threads): with the gate keeping 11% (0.66 components per sample), per-sample weights took 0.55-4.5 ms
+    two threads): with the gate keeping 11% (0.66 components per sample), per-sample weights took 0.59-4.5 ms
     against 1.5-13.8 ms on maps of 64 pixels or more, on par or slower on 16 pixels (1.1 vs 1.1 ms; 3.1 vs
     2.1 ms) and ~10x slower on 4; with every component kept (dense corrections), the network ran faster
     with per-sample weights from 16 pixels. A depthwise convolution's weights are tiny next to its
