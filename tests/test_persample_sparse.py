@@ -140,23 +140,56 @@ class _Pointwise(torch.nn.Module):
         return self.project(self.reflected(x)).flatten(1)
 
 
-def _pointwise_bank(seed: int = 0) -> tuple[torch.nn.Module, list[TaskVector]]:
-    torch.manual_seed(seed)
-    base = _Pointwise().eval()
-    generator = torch.Generator().manual_seed(seed + 1)
+def _random_statistics(bn: torch.nn.modules.batchnorm._BatchNorm, generator: torch.Generator) -> None:
+    """Running statistics and affine parameters far from the identity, so a BatchNorm fold that drops one shows."""
+    width = bn.num_features
     with torch.no_grad():
-        base.bn.running_mean.copy_(torch.randn(12, generator=generator))
-        base.bn.running_var.copy_(torch.rand(12, generator=generator) + 0.5)
-        base.bn.weight.copy_(torch.rand(12, generator=generator) + 0.5)
-        base.bn.bias.copy_(torch.randn(12, generator=generator))
+        bn.running_mean.copy_(torch.randn(width, generator=generator))
+        bn.running_var.copy_(torch.rand(width, generator=generator) + 0.5)
+        bn.weight.copy_(torch.rand(width, generator=generator) + 0.5)
+        bn.bias.copy_(torch.randn(width, generator=generator))
+
+
+def _noisy_bank(base: torch.nn.Module, generator: torch.Generator, scale: float, prefix: str) -> list[TaskVector]:
+    """Three task vectors: seeded noise of ``scale`` on every parameter of ``base``."""
     bank = []
     for i in range(3):
         tuned = copy.deepcopy(base)
         with torch.no_grad():
             for param in tuned.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
-        bank.append(TaskVector.from_models(base, tuned, name=f"p{i}"))
-    return base, bank
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+        bank.append(TaskVector.from_models(base, tuned, name=f"{prefix}{i}"))
+    return bank
+
+
+def _pointwise_bank(seed: int = 0) -> tuple[torch.nn.Module, list[TaskVector]]:
+    torch.manual_seed(seed)
+    base = _Pointwise().eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    _random_statistics(base.bn, generator)
+    return base, _noisy_bank(base, generator, 0.2, "p")
+
+
+def _assert_gradients_match_vmap(runner, composer: Composer, x: torch.Tensor, coefficients: torch.Tensor,
+                                 expected: torch.Tensor | None = None) -> None:
+    """With autograd: the runner's output (against ``expected`` when given) and coefficient gradients against vmap's."""
+    leaf = coefficients.clone().requires_grad_(True)
+    out = runner(x, leaf)
+    if expected is not None:
+        assert torch.allclose(out.detach(), expected, atol=1e-5)
+    out.square().sum().backward()
+    reference = coefficients.clone().requires_grad_(True)
+    VmapRunner(composer, None)(x, reference).square().sum().backward()
+    assert torch.allclose(leaf.grad, reference.grad, atol=1e-4)
+
+
+def _spy_sample_weights(monkeypatch) -> list[torch.nn.Module]:
+    """The modules that run with per-sample weights, in call order."""
+    calls: list[torch.nn.Module] = []
+    original = LinearRunner._sample_weights_product
+    monkeypatch.setattr(LinearRunner, "_sample_weights_product",
+                        staticmethod(lambda module, *a: calls.append(module) or original(module, *a)))
+    return calls
 
 
 def test_pointwise_convs_on_small_maps_run_as_one_gemm_and_match_the_oracle(monkeypatch):
@@ -174,13 +207,7 @@ def test_pointwise_convs_on_small_maps_run_as_one_gemm_and_match_the_oracle(monk
     with torch.no_grad():
         assert torch.allclose(runner(x, coefficients), expected, atol=1e-5)
     assert gemms  # the 1x1 convs took the GEMM path
-    leaf = coefficients.clone().requires_grad_(True)
-    out = runner(x, leaf)
-    assert torch.allclose(out.detach(), expected, atol=1e-5)
-    out.square().sum().backward()
-    reference = coefficients.clone().requires_grad_(True)
-    VmapRunner(composer, None)(x, reference).square().sum().backward()
-    assert torch.allclose(leaf.grad, reference.grad, atol=1e-4)
+    _assert_gradients_match_vmap(runner, composer, x, coefficients, expected)
 
 
 @pytest.mark.parametrize("sparse", [True, False])
@@ -194,20 +221,13 @@ def test_depthwise_convs_run_with_per_sample_kernels(sparse, monkeypatch):
     composer = Composer(base, bank, "block")
     coefficients = _gated(7, 3, composer.layout.num_columns, 0.3, seed=10)
     expected = _per_sample_oracle(composer, bank, x, coefficients)
-    calls = []
-    original = LinearRunner._sample_weights_product
-    monkeypatch.setattr(LinearRunner, "_sample_weights_product",
-                        staticmethod(lambda module, *a: calls.append(module) or original(module, *a)))
+    calls = _spy_sample_weights(monkeypatch)
     runner = LinearRunner(composer, sparse=sparse)
     with torch.no_grad():
         assert torch.allclose(runner(x, coefficients), expected, atol=1e-5)
     assert calls == [composer.base.depthwise]
     assert persample._depthwise(composer.base.reflected) is False
-    leaf = coefficients.clone().requires_grad_(True)
-    runner(x, leaf).square().sum().backward()
-    reference = coefficients.clone().requires_grad_(True)
-    VmapRunner(composer, None)(x, reference).square().sum().backward()
-    assert torch.allclose(leaf.grad, reference.grad, atol=1e-4)
+    _assert_gradients_match_vmap(runner, composer, x, coefficients)
 
 
 def test_batchnorm_fold_keeps_the_base_bias_and_restores_forward():
@@ -282,14 +302,7 @@ class _Tokens(torch.nn.Module):
 def _tokens_composer(seed: int, blocks: list[str] | None = None) -> tuple[Composer, list[TaskVector]]:
     torch.manual_seed(seed)
     base = _Tokens()
-    generator = torch.Generator().manual_seed(seed + 1)
-    bank = []
-    for i in range(3):
-        tuned = copy.deepcopy(base)
-        with torch.no_grad():
-            for param in tuned.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
-        bank.append(TaskVector.from_models(base, tuned, name=f"k{i}"))
+    bank = _noisy_bank(base, torch.Generator().manual_seed(seed + 1), 0.3, "k")
     return Composer(base, bank, "block", blocks=blocks), bank
 
 
@@ -302,10 +315,7 @@ def test_linear_and_conv_on_many_positions_run_with_per_sample_weights(kept, mon
     x = torch.randn(6, 96, 5, generator=torch.Generator().manual_seed(1))
     coefficients = _gated(6, 3, composer.layout.num_columns, kept, seed=2)
     expected = _per_sample_oracle(composer, bank, x, coefficients)
-    calls: list[torch.nn.Module] = []
-    original = LinearRunner._sample_weights_product
-    monkeypatch.setattr(LinearRunner, "_sample_weights_product",
-                        staticmethod(lambda module, *a: calls.append(module) or original(module, *a)))
+    calls = _spy_sample_weights(monkeypatch)
     for sparse in (True, False):
         runner = LinearRunner(composer, sparse=sparse)
         calls.clear()
@@ -313,13 +323,7 @@ def test_linear_and_conv_on_many_positions_run_with_per_sample_weights(kept, mon
             assert torch.allclose(runner(x, coefficients), expected, atol=1e-5), sparse
         base = composer.base
         assert {id(m) for m in calls} == {id(base.embed), id(base.mix), id(base.out)}, sparse
-        leaf = coefficients.clone().requires_grad_(True)
-        out = runner(x, leaf)
-        assert torch.allclose(out.detach(), expected, atol=1e-5)
-        out.square().sum().backward()
-        reference = coefficients.clone().requires_grad_(True)
-        VmapRunner(composer, None)(x, reference).square().sum().backward()
-        assert torch.allclose(leaf.grad, reference.grad, atol=1e-4), sparse
+        _assert_gradients_match_vmap(runner, composer, x, coefficients, expected)
 
 
 def test_per_sample_weights_keep_an_uncomposed_bias_and_skip_modules_with_nothing_kept(monkeypatch):
@@ -331,10 +335,7 @@ def test_per_sample_weights_keep_an_uncomposed_bias_and_skip_modules_with_nothin
     column = int(composer.layout.blocks["embed.weight"].columns[0])
     coefficients[:, :, column] = 0.0  # nothing kept for the embedding
     expected = _per_sample_oracle(composer, bank, x, coefficients)
-    calls: list[torch.nn.Module] = []
-    original = LinearRunner._sample_weights_product
-    monkeypatch.setattr(LinearRunner, "_sample_weights_product",
-                        staticmethod(lambda module, *a: calls.append(module) or original(module, *a)))
+    calls = _spy_sample_weights(monkeypatch)
     with torch.no_grad():
         assert torch.allclose(LinearRunner(composer, sparse=True)(x, coefficients), expected, atol=1e-5)
     assert composer.base.embed not in calls and composer.base.out in calls
@@ -348,10 +349,7 @@ def test_one_by_one_convs_on_large_maps_run_as_a_batched_product_and_small_ones_
     composer = Composer(base, bank, "block")
     coefficients = _gated(5, 3, composer.layout.num_columns, 0.3, seed=9)
     expected = _per_sample_oracle(composer, bank, x, coefficients)
-    calls: list[torch.nn.Module] = []
-    original = LinearRunner._sample_weights_product
-    monkeypatch.setattr(LinearRunner, "_sample_weights_product",
-                        staticmethod(lambda module, *a: calls.append(module) or original(module, *a)))
+    calls = _spy_sample_weights(monkeypatch)
     products = []
     bmm = torch.baddbmm
     monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: products.append(1) or bmm(*a, **k))
@@ -392,11 +390,7 @@ def test_batchnorm_fold_on_large_maps_runs_batchnorms_own_kernel(monkeypatch):
     with torch.no_grad():
         assert torch.allclose(runner(x, coefficients), expected, atol=1e-5)
     assert widths == [3 * 12]
-    leaf = coefficients.clone().requires_grad_(True)
-    runner(x, leaf).square().sum().backward()
-    reference = coefficients.clone().requires_grad_(True)
-    VmapRunner(composer, None)(x, reference).square().sum().backward()
-    assert torch.allclose(leaf.grad, reference.grad, atol=1e-4)
+    _assert_gradients_match_vmap(runner, composer, x, coefficients)
 
 
 class _TwoNorms(torch.nn.Module):
@@ -419,19 +413,9 @@ def test_batchnorms_of_different_widths_with_partly_composed_parameters_and_chan
     torch.manual_seed(12)
     base = _TwoNorms().eval()
     generator = torch.Generator().manual_seed(13)
-    with torch.no_grad():
-        for bn in (base.bn1, base.bn2):
-            bn.running_mean.copy_(torch.randn(bn.num_features, generator=generator))
-            bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
-            bn.weight.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
-            bn.bias.copy_(torch.randn(bn.num_features, generator=generator))
-    bank = []
-    for i in range(3):
-        tuned = copy.deepcopy(base)
-        with torch.no_grad():
-            for param in tuned.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
-        bank.append(TaskVector.from_models(base, tuned, name=f"b{i}"))
+    for bn in (base.bn1, base.bn2):
+        _random_statistics(bn, generator)
+    bank = _noisy_bank(base, generator, 0.3, "b")
     composer = Composer(base, bank, "block", blocks=["conv.weight", "bn1.bias", "expand.weight", "bn2.weight"])
     x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(14))
     coefficients = _gated(4, 3, composer.layout.num_columns, 0.5, seed=15)
