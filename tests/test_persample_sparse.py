@@ -426,3 +426,17 @@ def test_batchnorms_of_different_widths_with_partly_composed_parameters_and_chan
         composer.base.bn1.running_var.mul_(2.0)
         changed = _per_sample_oracle(composer, bank, x, coefficients)
         assert torch.allclose(runner(x, coefficients), changed, atol=1e-5)
+
+
+def test_batchnorm_table_follows_statistics_that_are_inference_tensors():
+    """A network built under inference_mode has buffers without a version counter: the table is rebuilt on
+    every call, so a statistic changed in place (inside inference_mode) still shows."""
+    with torch.inference_mode():
+        base, bank = _pointwise_bank(9)
+        composer = Composer(base, bank, "block")
+        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(12))
+        coefficients = _gated(4, 3, composer.layout.num_columns, 0.5, seed=13)
+        runner = LinearRunner(composer, sparse=True)
+        assert torch.allclose(runner(x, coefficients), _per_sample_oracle(composer, bank, x, coefficients), atol=1e-5)
+        composer.base.bn.running_mean.add_(1.0)
+        assert torch.allclose(runner(x, coefficients), _per_sample_oracle(composer, bank, x, coefficients), atol=1e-5)

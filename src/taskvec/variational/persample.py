@@ -264,7 +264,7 @@ class _BatchNormTable:
     plan: dict[str, dict[str, _Basis]]  # the basis it was built from
     prefixes: list[str]
     channels: list[int]
-    key: tuple  # (data pointer, version) of every statistic and parameter read: a change rebuilds the table
+    key: tuple | None  # (data pointer, version) of every statistic and parameter read: a change rebuilds it
     weight_basis: Tensor | None  # (modules, components, width); None when no BatchNorm weight is composed
     weight_index: Tensor  # (modules, components): flat coefficient index, or the appended zero column
     bias_basis: Tensor | None
@@ -275,8 +275,11 @@ class _BatchNormTable:
     inv_std: Tensor
 
     @staticmethod
-    def state(modules: list[nn.Module]) -> tuple:
+    def state(modules: list[nn.Module]) -> tuple | None:
+        """What the table was built from, or None where it cannot be told (inference tensors keep no version)."""
         tensors = [t for m in modules for t in (m.running_mean, m.running_var, m.weight, m.bias) if t is not None]
+        if any(t.is_inference() for t in tensors):
+            return None
         return tuple((t.data_ptr(), t._version) for t in tensors)
 
     @classmethod
@@ -433,7 +436,8 @@ class LinearRunner:
         if not named:
             return {}
         table = self._batch_norms
-        if (table is None or table.key != _BatchNormTable.state([module for _, module in named])
+        state = _BatchNormTable.state([module for _, module in named])
+        if (table is None or state is None or table.key != state
                 or table.prefixes != [prefix for prefix, _ in named] or table.plan is not plan):
             table = self._batch_norms = _BatchNormTable.build(named, plan, flat.shape[1])
         return table.affines(flat)
