@@ -91,6 +91,7 @@ class _Basis:
 
     tensors: Tensor  # (m, *block shape), contiguous: tensors[j] is one component, ready for a product
     index: Tensor  # (m,) long
+    columns: list[int]  # ``index`` as a list: per-call decisions read it without a tensor operation
     joined: Tensor | None = None  # Linear / Conv weights as (out, m * in, *kernel), made on first dense use
 
     def fused(self) -> Tensor:
@@ -416,7 +417,8 @@ class LinearRunner:
                             tensors.append(delta.to(dtype))
                             index.append(i * columns + column)
                 if tensors:
-                    plan.setdefault(prefix, {})[attr] = _Basis(torch.stack(tensors), torch.tensor(index, device=device))
+                    basis = _Basis(torch.stack(tensors), torch.tensor(index, device=device), index)
+                    plan.setdefault(prefix, {})[attr] = basis
         return plan
 
     def basis(self) -> dict[str, dict[str, _Basis]]:
@@ -437,8 +439,7 @@ class LinearRunner:
             return {}
         table = self._batch_norms
         state = _BatchNormTable.state([module for _, module in named])
-        if (table is None or state is None or table.key != state
-                or table.prefixes != [prefix for prefix, _ in named] or table.plan is not plan):
+        if table is None or table.plan is not plan or state is None or table.key != state:
             table = self._batch_norms = _BatchNormTable.build(named, plan, flat.shape[1])
         return table.affines(flat)
 
@@ -648,6 +649,8 @@ class LinearRunner:
         # Not when the coefficients need a gradient: d out / d c_sj = T_j x_s is not zero where c_sj is.
         needs_grad = torch.is_grad_enabled() and coefficients.requires_grad
         sparse = self.sparse and not needs_grad and float((flat == 0).float().mean()) >= self.SPARSE_FROM
+        # Non-zero coefficients per column, read once per call: each module's choice of path sums its columns.
+        kept = (flat != 0).sum(0).tolist() if sparse else []
 
         def hook_for(prefix: str, module: nn.Module, kind: str) -> Callable:
             def hook(mod: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
@@ -667,17 +670,16 @@ class LinearRunner:
 
         def product_for(prefix: str, module: nn.Module, kind: str) -> Callable:
             stock = type(module).forward
-
             weight = plan[prefix].get("weight")
+            if weight is None:  # only the bias is composed: its correction is one broadcast add
+                components = 0.0
+            elif sparse:  # the corrections multiply only the kept components
+                components = sum(kept[column] for column in weight.columns) / flat.shape[0]
+            else:
+                components = float(weight.index.numel())
 
             def forward(input: Tensor) -> Tensor:
                 fired.add(prefix)
-                if weight is None:  # only the bias is composed: its correction is one broadcast add
-                    components = 0.0
-                elif sparse:  # the corrections multiply only the kept components
-                    components = float((flat[:, weight.index] != 0).sum()) / flat.shape[0]
-                else:
-                    components = float(weight.index.numel())
                 if _with_sample_weights(module, kind, input, flat.shape[0], components):
                     return self._sample_weights_product(module, kind, input, plan[prefix], flat)
                 return self._corrected(module, kind, input, stock(module, input), plan[prefix], flat, sparse)
